@@ -1,0 +1,56 @@
+"""The numbers and names that spec/FORMAT.md fixes: format version, metadata keys, tensor naming, dtypes and limits.
+
+Every limit here is normative (FORMAT.md, "Limits"): a conforming reader refuses a file over any of them before it
+reads anything large, and a conforming writer never produces one.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+"""The lora-hub format version this library reads and writes."""
+
+METADATA_FORMAT = "format"
+METADATA_FORMAT_VERSION = "lora_hub.format_version"
+METADATA_CONFIG = "lora_hub.config"
+
+TENSOR_PREFIX = "base_model.model."
+"""Every tensor name starts with this, as in PEFT's adapter_model.safetensors."""
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+
+# safetensors dtype name -> (item size in bytes, torch dtype attribute name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+}
+LORA_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+"""dtypes allowed for lora_A and lora_B; replacement tensors may use any of DTYPES."""
+
+# Limits (FORMAT.md, "Limits").
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+"""Largest header (the JSON after the 8-byte length prefix, padding included)."""
+MAX_CONFIG_BYTES = 32 * 1024 * 1024
+"""Largest `lora_hub.config` metadata value, in UTF-8 bytes."""
+MAX_TENSORS = 262_144
+MAX_MODULES = 131_072
+MAX_RANK = 16_384
+MAX_NDIM = 8
+MAX_NAME_BYTES = 1_024
+"""Longest tensor or module name, in UTF-8 bytes."""
+MAX_JSON_INT = 2**53 - 1
+"""Largest shape entry or offset: integers above it are not exact in every JSON implementation."""
+MAX_PEFT_CONFIG_BYTES = 16 * 1024 * 1024
+"""Largest adapter_config.json that the PEFT reader will parse."""

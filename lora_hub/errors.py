@@ -1,0 +1,272 @@
+"""The LoraHubError tree: one class per failure a user can cause, each with a stable `code`.
+
+Codes are part of the public contract (spec/FORMAT.md, "Error codes"): they never change meaning across releases.
+Each class also inherits the built-in exception that fits, so `except ValueError` and `except FileNotFoundError`
+keep working for callers who do not know this library.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class LoraHubError(Exception):
+    """Base class of every error lora-hub raises on purpose.
+
+    Args:
+        message: What failed, for which file, tensor or module, and what to do about it.
+        path: The file or directory concerned, when there is one.
+    """
+
+    code = "LORA_HUB_ERROR"
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.message = message
+        super().__init__(self._text())
+
+    def locate(self, path: str | os.PathLike[str]) -> None:
+        """Names the file concerned, if no path was known when the error was raised (then re-raise it)."""
+        if self.path is None:
+            self.path = os.fspath(path)
+            self.args = (self._text(),)
+
+    def _text(self) -> str:
+        return f"'{self.path}': {self.message}" if self.path else self.message
+
+
+# --- The file format (spec/FORMAT.md) -------------------------------------------------------------------------------
+
+
+class InvalidAdapterError(LoraHubError, ValueError):
+    """The file breaks the lora-hub v1 format or the safetensors layout it builds on."""
+
+    code = "INVALID_ADAPTER"
+
+
+class FileTruncatedError(InvalidAdapterError):
+    """The file ends before its length prefix or its declared header does."""
+
+    code = "FILE_TRUNCATED"
+
+
+class HeaderTooLargeError(InvalidAdapterError):
+    """The length prefix declares a header over MAX_HEADER_BYTES."""
+
+    code = "HEADER_TOO_LARGE"
+
+
+class HeaderEncodingError(InvalidAdapterError):
+    """The header is not UTF-8, contains NUL bytes, or is padded with something other than spaces."""
+
+    code = "HEADER_ENCODING"
+
+
+class HeaderJSONError(InvalidAdapterError):
+    """The header is not one JSON object: a syntax error, a duplicate key, NaN, or nesting too deep."""
+
+    code = "HEADER_JSON"
+
+
+class HeaderSchemaError(InvalidAdapterError):
+    """The header is JSON but not a safetensors header: a malformed tensor entry or non-string metadata."""
+
+    code = "HEADER_SCHEMA"
+
+
+class TooManyTensorsError(InvalidAdapterError):
+    """The header lists more than MAX_TENSORS tensors."""
+
+    code = "TOO_MANY_TENSORS"
+
+
+class TensorDtypeError(InvalidAdapterError):
+    """A tensor has an unknown dtype, or a dtype that its role does not allow."""
+
+    code = "TENSOR_DTYPE"
+
+
+class TensorSizeError(InvalidAdapterError):
+    """A tensor's byte range does not hold exactly prod(shape) elements of its dtype."""
+
+    code = "TENSOR_SIZE"
+
+
+class OffsetOutOfRangeError(InvalidAdapterError):
+    """A tensor's data_offsets are reversed or reach past the end of the file."""
+
+    code = "OFFSET_OUT_OF_RANGE"
+
+
+class OffsetOverlapError(InvalidAdapterError):
+    """Two tensors share bytes of the buffer."""
+
+    code = "OFFSET_OVERLAP"
+
+
+class BufferHoleError(InvalidAdapterError):
+    """Bytes of the buffer belong to no tensor: a gap between tensors or trailing bytes."""
+
+    code = "BUFFER_HOLE"
+
+
+class LimitExceededError(InvalidAdapterError):
+    """A documented limit other than header size or tensor count is exceeded (rank, modules, name length, ndim)."""
+
+    code = "LIMIT_EXCEEDED"
+
+
+class NotLoraHubFileError(InvalidAdapterError):
+    """A valid safetensors file without lora-hub metadata (a PEFT file, a model checkpoint, ...)."""
+
+    code = "NOT_LORA_HUB"
+
+
+class FormatVersionError(InvalidAdapterError):
+    """The file declares a format version newer than this reader supports."""
+
+    code = "FORMAT_VERSION"
+
+
+class MetadataError(InvalidAdapterError):
+    """A lora-hub metadata value is malformed (for example a format version that is not an integer)."""
+
+    code = "METADATA_INVALID"
+
+
+class ConfigError(InvalidAdapterError):
+    """The `lora_hub.config` document is not valid JSON or breaks its schema."""
+
+    code = "CONFIG_INVALID"
+
+
+class MissingTensorError(InvalidAdapterError):
+    """A tensor the config requires is absent (for example lora_A without its lora_B)."""
+
+    code = "TENSOR_MISSING"
+
+
+class UnexpectedTensorError(InvalidAdapterError):
+    """A tensor that the config does not account for."""
+
+    code = "TENSOR_UNEXPECTED"
+
+
+class ShapeMismatchError(InvalidAdapterError):
+    """The config contradicts the tensors: features or rank differ from the shapes stored."""
+
+    code = "SHAPE_MISMATCH"
+
+
+class RankMismatchError(InvalidAdapterError):
+    """lora_A and lora_B of one module disagree with each other on the rank."""
+
+    code = "RANK_MISMATCH"
+
+
+# --- Finding and converting adapters ---------------------------------------------------------------------------------
+
+
+class AdapterNotFoundError(LoraHubError, FileNotFoundError):
+    """The path names nothing, or a directory without any adapter in it."""
+
+    code = "NOT_FOUND"
+
+
+class ConversionError(LoraHubError, ValueError):
+    """A foreign adapter layout could not be read into a lora-hub Adapter."""
+
+    code = "CONVERSION_FAILED"
+
+
+class UnsupportedLayoutError(ConversionError):
+    """A recognised layout that lora-hub does not read (diffusers, kohya, MLX, GGUF, ...).
+
+    Args:
+        layout: The name of the layout that was recognised.
+    """
+
+    code = "LAYOUT_UNSUPPORTED"
+
+    def __init__(self, message: str, *, layout: str, path: str | os.PathLike[str] | None = None) -> None:
+        self.layout = layout
+        super().__init__(message, path=path)
+
+
+class UnknownLayoutError(ConversionError):
+    """Nothing about the file matches a LoRA layout that lora-hub knows."""
+
+    code = "LAYOUT_UNKNOWN"
+
+
+class LfsPointerError(ConversionError):
+    """The file is a Git LFS pointer, not the content it points to."""
+
+    code = "GIT_LFS_POINTER"
+
+
+class PickleRefusedError(ConversionError):
+    """A pickle checkpoint (.bin, .pt) was not opened because the caller did not opt in."""
+
+    code = "PICKLE_REFUSED"
+
+
+class UnsafePickleError(ConversionError):
+    """A pickle checkpoint holds objects other than tensors and plain containers; it was not loaded."""
+
+    code = "PICKLE_UNSAFE"
+
+
+class WeightsMissingError(ConversionError):
+    """An adapter config was found without the weights it describes."""
+
+    code = "WEIGHTS_MISSING"
+
+
+class ConfigMissingError(ConversionError):
+    """Adapter weights were found without the config needed to interpret them."""
+
+    code = "CONFIG_MISSING"
+
+
+class PeftConfigError(ConversionError):
+    """adapter_config.json is unreadable or contradicts the weights beside it."""
+
+    code = "PEFT_CONFIG_INVALID"
+
+
+class UnsupportedFeatureError(ConversionError):
+    """The adapter uses a feature outside lora-hub v1 (DoRA, embedding or convolution LoRA, trained biases, ...)."""
+
+    code = "FEATURE_UNSUPPORTED"
+
+
+class ParameterRequiredError(ConversionError, TypeError):
+    """The layout does not record a value the conversion needs (loralib's alpha, an ambiguous enable_lora)."""
+
+    code = "PARAMETER_REQUIRED"
+
+
+class ModuleConflictError(ConversionError):
+    """One module is both a LoRA target and a module to save, in a way no loader can apply unambiguously."""
+
+    code = "MODULE_CONFLICT"
+
+
+# --- Base models -----------------------------------------------------------------------------------------------------
+
+
+class BaseModelError(LoraHubError, ValueError):
+    """The base model could not be described: no config.json, an unknown architecture, not in the local cache."""
+
+    code = "BASE_MODEL_UNAVAILABLE"
+
+
+class BaseModelMismatchError(LoraHubError, ValueError):
+    """The adapter does not fit the base model: a module is missing, or its features differ."""
+
+    code = "BASE_MISMATCH"
+
+
+class LoraHubWarning(UserWarning):
+    """Something was corrected or ignored on the way, and the user should know (never a silent change)."""
