@@ -1,0 +1,481 @@
+"""The in-memory model of one adapter file: `AdapterConfig` (with one `ModuleSpec` per module), `Adapter`, and
+`delta_weight`, the one function that turns a module's tensors into the update it makes to its base weight.
+
+Importing this module does not import torch; the functions that touch tensors import it when they run.
+
+    lora_A (r*k, in) ──┐
+                       ├─> delta (out, in) = scaling * B @ A   (per enabled slice when enable_lora is set)
+    lora_B (out', r) ──┘        └─> transposed to (in, out) when fan_in_fan_out (GPT-2 Conv1D)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from . import constants as C
+from .errors import (
+    ConfigError,
+    MissingTensorError,
+    RankMismatchError,
+    ShapeMismatchError,
+    TensorDtypeError,
+    UnexpectedTensorError,
+)
+from .jsontext import canonical_json, strict_loads
+
+if TYPE_CHECKING:
+    import torch
+
+_NAME_SEGMENT = re.compile(r"[A-Za-z0-9_\-]+")
+_RESERVED_SEGMENTS = frozenset({"lora_A", "lora_B"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_module_name(name: object) -> str | None:
+    """Returns what is wrong with a module path, or None when it is valid (FORMAT.md, "Module paths")."""
+    if not isinstance(name, str) or not name:
+        return "a module path must be a non-empty string"
+    if len(name.encode("utf-8")) > C.MAX_NAME_BYTES:
+        return f"a module path must be at most {C.MAX_NAME_BYTES} bytes"
+    for segment in name.split("."):
+        if not _NAME_SEGMENT.fullmatch(segment):
+            return "each dot-separated segment must be non-empty and use only A-Z, a-z, 0-9, '_' and '-'"
+        if segment in _RESERVED_SEGMENTS:
+            return f"'{segment}' is reserved for tensor names and cannot be a module path segment"
+    return None
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted module: its rank, alpha and the shape of the base layer it adapts.
+
+    Attributes:
+        r: Rank of each LoRA update (per enabled slice when `enable_lora` is set).
+        alpha: The LoRA alpha; the update is scaled by alpha / r, or alpha / sqrt(r) with `rslora`.
+        in_features: Input features of the base layer.
+        out_features: Output features of the base layer (all slices, enabled or not).
+        rslora: Rank-stabilised scaling, alpha / sqrt(r).
+        fan_in_fan_out: The base layer stores its weight as (in, out), like GPT-2's Conv1D.
+        enable_lora: For fused projections (loralib MergedLinear): which of the equal output slices are adapted.
+    """
+
+    r: int
+    alpha: float
+    in_features: int
+    out_features: int
+    rslora: bool = False
+    fan_in_fan_out: bool = False
+    enable_lora: tuple[bool, ...] | None = None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def groups(self) -> int:
+        """Number of adapted output slices: 1 for a plain module."""
+        return 1 if self.enable_lora is None else sum(self.enable_lora)
+
+    @property
+    def slice_features(self) -> int:
+        """Output features of one slice: out_features for a plain module."""
+        return self.out_features if self.enable_lora is None else self.out_features // len(self.enable_lora)
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return (self.r * self.groups, self.in_features)
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return (self.slice_features * self.groups, self.r)
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        """Shape of the delta as it adds to the base weight: (in, out) when fan_in_fan_out, else (out, in)."""
+        return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
+
+    def problems(self) -> list[str]:
+        """What is wrong with this spec, as sentences; empty when it is valid."""
+        found = []
+        for key in ("r", "in_features", "out_features"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                found.append(f"{key} must be a positive integer, got {value!r}")
+        if _is_int(self.r) and self.r > C.MAX_RANK:
+            found.append(f"r={self.r} exceeds the limit of {C.MAX_RANK}")
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            found.append(f"alpha must be a finite number greater than 0, got {self.alpha!r}")
+        for key in ("rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, key), bool):
+                found.append(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.enable_lora is not None:
+            flags = self.enable_lora
+            if not isinstance(flags, tuple) or not flags or not all(isinstance(f, bool) for f in flags):
+                found.append(f"enable_lora must be a non-empty list of booleans or null, got {flags!r}")
+            elif not any(flags):
+                found.append("enable_lora must enable at least one slice")
+            elif _is_int(self.out_features) and self.out_features % len(flags):
+                found.append(f"out_features={self.out_features} is not divisible by len(enable_lora)={len(flags)}")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "alpha": _canonical_number(self.alpha),
+            "rslora": self.rslora,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "enable_lora": list(self.enable_lora) if self.enable_lora is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, *, module: str) -> ModuleSpec:
+        if not isinstance(data, dict):
+            raise ConfigError(f"module '{module}': the entry must be a JSON object, got {_json_type(data)}")
+        missing = [k for k in ("r", "alpha", "in_features", "out_features") if k not in data]
+        if missing:
+            raise ConfigError(f"module '{module}': required key(s) {', '.join(missing)} missing")
+        flags = data.get("enable_lora")
+        spec = cls(
+            r=data["r"],
+            alpha=data["alpha"],
+            in_features=data["in_features"],
+            out_features=data["out_features"],
+            rslora=data.get("rslora", False),
+            fan_in_fan_out=data.get("fan_in_fan_out", False),
+            enable_lora=tuple(flags) if isinstance(flags, list) else flags,
+        )
+        problems = spec.problems()
+        if problems:
+            raise ConfigError(f"module '{module}': {'; '.join(problems)}")
+        return spec
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """What the adapter says about the base model it was made for. Every field is optional."""
+
+    name: str | None = None
+    revision: str | None = None
+    model_type: str | None = None
+    fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"name": self.name, "revision": self.revision, "model_type": self.model_type,
+                "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The `lora_hub.config` document: every module with its spec, the modules to save, the base model, and the
+    optional descriptive fields. Construction validates it and raises `ConfigError` naming the first problem.
+    """
+
+    modules: Mapping[str, ModuleSpec]
+    modules_to_save: tuple[str, ...] = ()
+    base_model: BaseModelRef | None = None
+    task_type: str | None = None
+    name: str | None = None
+    description: str | None = None
+    license: str | None = None
+    task: str | None = None
+    tags: tuple[str, ...] = ()
+    tensors_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", dict(sorted(self.modules.items())))
+        object.__setattr__(self, "modules_to_save", tuple(sorted(set(self.modules_to_save))))
+        object.__setattr__(self, "tags", tuple(self.tags))
+        if not self.modules:
+            raise ConfigError("the adapter has no modules: at least one LoRA module is required")
+        if len(self.modules) > C.MAX_MODULES:
+            raise ConfigError(f"{len(self.modules):,} modules exceed the limit of {C.MAX_MODULES:,}")
+        for name, spec in self.modules.items():
+            problem = check_module_name(name)
+            if problem:
+                raise ConfigError(f"module path {name!r}: {problem}")
+            if not isinstance(spec, ModuleSpec):
+                raise ConfigError(f"module '{name}': expected a ModuleSpec, got {type(spec).__name__}")
+            problems = spec.problems()
+            if problems:
+                raise ConfigError(f"module '{name}': {'; '.join(problems)}")
+        for name in self.modules_to_save:
+            problem = check_module_name(name)
+            if problem:
+                raise ConfigError(f"modules_to_save entry {name!r}: {problem}")
+            clash = _overlapping_module(name, self.modules)
+            if clash:
+                raise ConfigError(
+                    f"modules_to_save entry '{name}' overlaps the LoRA module '{clash}': a module is either adapted "
+                    "or replaced, and neither may contain the other"
+                )
+        if self.tensors_sha256 is not None and not (
+            isinstance(self.tensors_sha256, str) and _SHA256.fullmatch(self.tensors_sha256)
+        ):
+            raise ConfigError(f"tensors_sha256 must be 64 lowercase hex digits, got {self.tensors_sha256!r}")
+        for key in ("task_type", "name", "description", "license", "task"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
+        if not all(isinstance(t, str) for t in self.tags):
+            raise ConfigError(f"tags must be a list of strings, got {list(self.tags)!r}")
+
+    def lora_tensor_names(self, module: str) -> tuple[str, str]:
+        """The names of a module's lora_A and lora_B tensors."""
+        return f"{C.TENSOR_PREFIX}{module}{C.LORA_A_SUFFIX}", f"{C.TENSOR_PREFIX}{module}{C.LORA_B_SUFFIX}"
+
+    def replacement_owner(self, tensor_name: str) -> str | None:
+        """The module to save that a non-LoRA tensor belongs to (the longest listed prefix), or None."""
+        if not tensor_name.startswith(C.TENSOR_PREFIX):
+            return None
+        path = tensor_name[len(C.TENSOR_PREFIX):]
+        parts = path.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            candidate = ".".join(parts[:end])
+            if candidate in self.modules_to_save:
+                return candidate
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base_model": self.base_model.to_dict() if self.base_model else None,
+            "modules": {name: spec.to_dict() for name, spec in self.modules.items()},
+            "modules_to_save": list(self.modules_to_save),
+            "task_type": self.task_type,
+            "name": self.name,
+            "description": self.description,
+            "license": self.license,
+            "task": self.task,
+            "tags": list(self.tags),
+            "tensors_sha256": self.tensors_sha256,
+        }
+
+    def to_json(self) -> str:
+        """The canonical JSON text (FORMAT.md, "Canonical JSON")."""
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        """Parses and validates a `lora_hub.config` document. Unknown keys are ignored.
+
+        Raises:
+            ConfigError: The text is not a JSON object, or a value breaks the schema.
+        """
+        try:
+            data = strict_loads(text)
+        except ValueError as e:
+            raise ConfigError(f"lora_hub.config is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"lora_hub.config must be a JSON object, got {_json_type(data)}")
+        modules = data.get("modules")
+        if not isinstance(modules, dict):
+            raise ConfigError(f"lora_hub.config needs 'modules', an object of entries, not {_json_type(modules)}")
+        specs = {name: ModuleSpec.from_dict(entry, module=name) for name, entry in modules.items()}
+        base = data.get("base_model")
+        if base is not None:
+            if not isinstance(base, dict) or not all(
+                isinstance(base.get(k), (str, type(None))) for k in ("name", "revision", "model_type", "fingerprint")
+            ):
+                raise ConfigError("base_model must be null or an object whose name, revision, model_type and "
+                                  "fingerprint are strings or null")
+            base = BaseModelRef(**{k: base.get(k) for k in ("name", "revision", "model_type", "fingerprint")})
+        for key in ("modules_to_save", "tags"):
+            if not isinstance(data.get(key, []), list):
+                raise ConfigError(f"{key} must be a list, got {_json_type(data.get(key))}")
+        return cls(
+            modules=specs,
+            modules_to_save=tuple(data.get("modules_to_save", [])),
+            base_model=base,
+            task_type=data.get("task_type"),
+            name=data.get("name"),
+            description=data.get("description"),
+            license=data.get("license"),
+            task=data.get("task"),
+            tags=tuple(data.get("tags", [])),
+            tensors_sha256=data.get("tensors_sha256"),
+        )
+
+
+def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Checks that tensors (name -> (dtype, shape)) are exactly what the config describes (FORMAT.md, "Tensors").
+
+    Raises:
+        MissingTensorError, UnexpectedTensorError, TensorDtypeError, RankMismatchError, ShapeMismatchError.
+    """
+    claimed: set[str] = set()
+    for module, spec in config.modules.items():
+        a_name, b_name = config.lora_tensor_names(module)
+        present = [n for n in (a_name, b_name) if n in index]
+        if len(present) < 2:
+            have = f"only {present[0]} is present" if present else "neither is present"
+            raise MissingTensorError(f"module '{module}' needs {a_name} and {b_name}; {have}")
+        claimed.update(present)
+        (a_dtype, a_shape), (b_dtype, b_shape) = index[a_name], index[b_name]
+        for name, dtype, shape in ((a_name, a_dtype, a_shape), (b_name, b_dtype, b_shape)):
+            if dtype not in C.LORA_DTYPES:
+                raise TensorDtypeError(f"{name} has dtype {dtype}; LoRA tensors must be one of "
+                                       f"{', '.join(sorted(C.LORA_DTYPES))}")
+            if len(shape) != 2:
+                raise ShapeMismatchError(f"{name} must be 2-dimensional, got shape {list(shape)}")
+        if a_shape[0] != b_shape[1] * spec.groups:
+            raise RankMismatchError(
+                f"module '{module}': lora_A has {a_shape[0]} rows but lora_B has rank {b_shape[1]}"
+                + (f" and {spec.groups} enabled slices" if spec.enable_lora else "")
+                + f"; expected lora_A rows = {'groups * ' if spec.enable_lora else ''}lora_B columns"
+            )
+        if tuple(a_shape) != spec.a_shape or tuple(b_shape) != spec.b_shape:
+            raise ShapeMismatchError(
+                f"module '{module}': the config (r={spec.r}, in={spec.in_features}, out={spec.out_features}"
+                + (f", enable_lora={list(spec.enable_lora)}" if spec.enable_lora else "")
+                + f") requires lora_A {list(spec.a_shape)} and lora_B {list(spec.b_shape)}, "
+                f"but the file has {list(a_shape)} and {list(b_shape)}"
+            )
+    owned: Counter[str] = Counter()
+    for name in index:
+        if name in claimed:
+            continue
+        owner = config.replacement_owner(name)
+        if owner is None:
+            raise UnexpectedTensorError(
+                f"tensor {name} belongs to no module in the config (neither a LoRA tensor of a listed module nor a "
+                "tensor of a module in modules_to_save)"
+            )
+        if index[name][0] not in C.DTYPES:
+            raise TensorDtypeError(f"{name} has unknown dtype {index[name][0]}")
+        owned[owner] += 1
+    for module in config.modules_to_save:
+        if not owned[module]:
+            raise MissingTensorError(f"modules_to_save lists '{module}' but no tensor {C.TENSOR_PREFIX}{module}.* "
+                                     "is present")
+
+
+class Adapter:
+    """One LoRA adapter: its config and its tensors (name -> tensor, possibly memory-mapped and loaded lazily).
+
+    Args:
+        config: The adapter's config.
+        tensors: Every tensor the config describes, under its file name (see `AdapterConfig.lora_tensor_names`).
+        source: Where the adapter came from, for messages.
+
+    Raises:
+        MissingTensorError, UnexpectedTensorError, ShapeMismatchError, ...: the tensors do not fit the config.
+
+    Example:
+        >>> adapter = lora_hub.load_adapter("sql.safetensors")
+        >>> adapter.delta_weight("model.layers.0.self_attn.q_proj").shape
+        torch.Size([64, 64])
+    """
+
+    def __init__(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], *, source: str | None = None,
+                 _checked: bool = False) -> None:
+        if not _checked:
+            from .tensors import dtype_name
+
+            check_tensor_index(config, {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()})
+        self.config = config
+        self.tensors = tensors
+        self.source = source
+
+    @property
+    def modules(self) -> Mapping[str, ModuleSpec]:
+        return self.config.modules
+
+    def lora_A(self, module: str) -> torch.Tensor:
+        self._spec(module)
+        return self.tensors[self.config.lora_tensor_names(module)[0]]
+
+    def lora_B(self, module: str) -> torch.Tensor:
+        self._spec(module)
+        return self.tensors[self.config.lora_tensor_names(module)[1]]
+
+    def delta_weight(self, module: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The update this adapter adds to `module`'s base weight, shaped like that weight (see `delta_weight`)."""
+        return delta_weight(self._spec(module), self.lora_A(module), self.lora_B(module), dtype=dtype)
+
+    def replacement_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of modules_to_save, by file name."""
+        lora = {n for m in self.config.modules for n in self.config.lora_tensor_names(m)}
+        return {n: t for n, t in self.tensors.items() if n not in lora}
+
+    def with_config(self, **changes: Any) -> Adapter:
+        """A copy with some config fields replaced (descriptive fields such as name, task, tags, license)."""
+        return Adapter(replace(self.config, **changes), self.tensors, source=self.source, _checked=True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.config.modules)
+
+    def __repr__(self) -> str:
+        ranks = sorted({s.r for s in self.modules.values()})
+        base = self.config.base_model.name if self.config.base_model and self.config.base_model.name else "?"
+        return f"Adapter({len(self.modules)} modules, r={ranks}, base={base!r}, source={self.source!r})"
+
+    def _spec(self, module: str) -> ModuleSpec:
+        try:
+            return self.config.modules[module]
+        except KeyError:
+            raise KeyError(f"the adapter has no module '{module}'") from None
+
+
+def delta_weight(spec: ModuleSpec, lora_A: torch.Tensor, lora_B: torch.Tensor, *,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The spec math (FORMAT.md, "Semantics"): the update a module makes to its base weight.
+
+    Plain: scaling * B @ A, shape (out, in). With enable_lora, the g-th enabled slice s of the output gets
+    scaling * B[g*n:(g+1)*n] @ A[g*r:(g+1)*r] in rows [s*n, (s+1)*n) (n = out / len(enable_lora)); other slices
+    get zero. With fan_in_fan_out the result is transposed to (in, out), the layout of the base weight.
+    The product is computed in at least float32 on the tensors' device, then cast to `dtype` (by default the
+    promoted dtype of A and B).
+    """
+    import torch
+
+    result_dtype = dtype or torch.promote_types(lora_A.dtype, lora_B.dtype)
+    compute = torch.promote_types(torch.promote_types(lora_A.dtype, lora_B.dtype), torch.float32)
+    a, b = lora_A.to(compute), lora_B.to(compute)
+    if spec.enable_lora is None:
+        delta = (b @ a) * spec.scaling
+    else:
+        k, n = spec.groups, spec.slice_features
+        per_slice = torch.bmm(b.reshape(k, n, spec.r), a.reshape(k, spec.r, spec.in_features)) * spec.scaling
+        delta = a.new_zeros(len(spec.enable_lora), n, spec.in_features)
+        delta[torch.tensor(spec.enable_lora, device=a.device)] = per_slice
+        delta = delta.reshape(spec.out_features, spec.in_features)
+    if spec.fan_in_fan_out:
+        delta = delta.T
+    return delta.to(result_dtype)
+
+
+def _overlapping_module(name: str, modules: Mapping[str, ModuleSpec]) -> str | None:
+    if name in modules:
+        return name
+    prefix = name + "."
+    for module in modules:
+        if module.startswith(prefix) or name.startswith(module + "."):
+            return module
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _canonical_number(value: float) -> int | float:
+    """Integral numbers are written as JSON integers, so alpha=32 and alpha=32.0 give the same bytes."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")

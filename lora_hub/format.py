@@ -1,0 +1,324 @@
+"""The byte layout of a lora-hub file (spec/FORMAT.md): header parsing without torch, the canonical writer, and the
+lazily memory-mapped reader.
+
+    8 bytes   N, u64 little-endian
+    N bytes   header: one JSON object, UTF-8, padded with spaces
+    rest      buffer: tensor bytes, contiguous, no holes, little-endian, row-major
+
+Every size read from the file is bounded before anything is allocated: the header is read only after its length is
+checked against MAX_HEADER_BYTES and the file size, and tensor bytes are never read here at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import constants as C
+from .adapter import Adapter, AdapterConfig, check_tensor_index
+from .errors import (
+    AdapterNotFoundError,
+    BufferHoleError,
+    FileTruncatedError,
+    FormatVersionError,
+    HeaderEncodingError,
+    HeaderJSONError,
+    HeaderSchemaError,
+    HeaderTooLargeError,
+    LimitExceededError,
+    LoraHubError,
+    MetadataError,
+    NotLoraHubFileError,
+    OffsetOutOfRangeError,
+    OffsetOverlapError,
+    TensorDtypeError,
+    TensorSizeError,
+    TooManyTensorsError,
+)
+from .jsontext import canonical_json, strict_loads
+
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the header: dtype name, shape, and its [begin, end) byte range in the buffer."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked safetensors header: every tensor's range is inside the file, and the ranges tile the buffer."""
+
+    path: str
+    file_size: int
+    header_size: int
+    metadata: Mapping[str, str]
+    tensors: Mapping[str, TensorInfo]
+
+    @property
+    def data_offset(self) -> int:
+        return 8 + self.header_size
+
+    @property
+    def buffer_size(self) -> int:
+        return self.file_size - self.data_offset
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    """A checked lora-hub header: the safetensors header plus the parsed config, consistent with each other."""
+
+    safetensors: SafetensorsHeader
+    config: AdapterConfig
+    format_version: int
+
+    @property
+    def path(self) -> str:
+        return self.safetensors.path
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.safetensors.tensors
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Reads and checks the header of any safetensors file, reading at most 8 + MAX_HEADER_BYTES bytes.
+
+    Raises:
+        AdapterNotFoundError: No such file.
+        FileTruncatedError, HeaderTooLargeError, HeaderEncodingError, HeaderJSONError, HeaderSchemaError,
+        TooManyTensorsError, TensorDtypeError, TensorSizeError, OffsetOutOfRangeError, OffsetOverlapError,
+        BufferHoleError, LimitExceededError: The file breaks the safetensors layout (FORMAT.md, "Layout").
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as e:
+        raise AdapterNotFoundError("no such file", path=path) from e
+    except IsADirectoryError as e:
+        raise AdapterNotFoundError("is a directory; give the adapter file inside it", path=path) from e
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise FileTruncatedError(
+                f"the file is {size} bytes long; a safetensors file starts with an 8-byte header length", path=path)
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > C.MAX_HEADER_BYTES:
+            raise HeaderTooLargeError(
+                f"the header length prefix is {header_size:,} bytes, over the limit of {C.MAX_HEADER_BYTES:,}; "
+                "the file is corrupt or not a safetensors file", path=path)
+        if 8 + header_size > size:
+            raise FileTruncatedError(
+                f"the header length prefix is {header_size:,} bytes but only {size - 8:,} bytes follow; "
+                "the file is truncated (re-download it)", path=path)
+        raw = f.read(header_size)
+    if len(raw) != header_size:
+        raise FileTruncatedError("the file shrank while it was being read", path=path)
+    try:
+        metadata, tensors = _parse_header(raw, buffer_size=size - 8 - header_size)
+    except LoraHubError as e:
+        e.locate(path)
+        raise
+    return SafetensorsHeader(path, size, header_size, metadata, tensors)
+
+
+def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
+    """Reads and checks a lora-hub file's header and config without reading tensor data or importing torch.
+
+    Raises:
+        NotLoraHubFileError: A valid safetensors file without lora-hub metadata.
+        FormatVersionError: The file is from a newer format version.
+        MetadataError, ConfigError, MissingTensorError, UnexpectedTensorError, ShapeMismatchError,
+        RankMismatchError, TensorDtypeError, LimitExceededError: The config is invalid or contradicts the tensors.
+        And every error of `read_safetensors_header`.
+
+    Example:
+        >>> header = lora_hub.read_header("sql.safetensors")
+        >>> {spec.r for spec in header.config.modules.values()}
+        {16}
+    """
+    header = read_safetensors_header(path)
+    try:
+        config, version = _adapter_config(header)
+        check_tensor_index(config, {n: (i.dtype, i.shape) for n, i in header.tensors.items()})
+    except LoraHubError as e:
+        e.locate(header.path)
+        raise
+    return AdapterHeader(header, config, version)
+
+
+def load_adapter(path: str | os.PathLike[str]) -> Adapter:
+    """Opens a lora-hub file. Tensors stay memory-mapped and are created on first access.
+
+    Raises:
+        Every error of `read_header`.
+
+    Example:
+        >>> adapter = lora_hub.load_adapter("sql.safetensors")
+        >>> adapter.lora_A("model.layers.0.self_attn.q_proj").shape
+        torch.Size([16, 64])
+    """
+    from .tensors import MappedTensors
+
+    header = read_header(path)
+    tensors = MappedTensors(header.path, header.safetensors.data_offset, header.tensors)
+    return Adapter(header.config, tensors, source=header.path, _checked=True)
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bool = True) -> Path:
+    """Writes `adapter` as a canonical lora-hub file, atomically.
+
+    The same adapter gives the same bytes whatever order its tensors were inserted in (FORMAT.md, "Canonical
+    writer"). The file appears at `path` only when complete; an interrupted save leaves any old file untouched.
+
+    Args:
+        adapter: The adapter to write.
+        path: Destination file; missing parent folders are created.
+        checksum: Record the sha256 of the tensor bytes in the config (`tensors_sha256`).
+
+    Returns:
+        The path written.
+
+    Raises:
+        MissingTensorError, UnexpectedTensorError, ShapeMismatchError, ...: The tensors do not fit the config.
+        ValueError: A tensor has a dtype safetensors cannot store, or lives on the meta device.
+    """
+    from .atomicfile import atomic_write
+    from .tensors import dtype_name, tensor_bytes
+
+    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in adapter.tensors.items()}
+    check_tensor_index(adapter.config, index)
+    order = sorted(index, key=lambda name: (-C.DTYPES[index[name][0]][0], name))
+    payload = [tensor_bytes(adapter.tensors[name]) for name in order]
+    digest = hashlib.sha256()
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name, data in zip(order, payload, strict=True):
+        digest.update(data)
+        dtype, shape = index[name]
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    config = replace(adapter.config, tensors_sha256=digest.hexdigest() if checksum else None)
+    entries["__metadata__"] = {
+        C.METADATA_FORMAT: "pt",
+        C.METADATA_FORMAT_VERSION: str(C.FORMAT_VERSION),
+        C.METADATA_CONFIG: config.to_json(),
+    }
+    header = canonical_json(entries).encode("ascii")
+    header += b" " * (-len(header) % 8)
+    return atomic_write(path, [struct.pack("<Q", len(header)), header, *payload])
+
+
+def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    if b"\x00" in raw:
+        raise HeaderEncodingError(f"the header contains a NUL byte at offset {raw.index(0)}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderEncodingError(f"the header is not valid UTF-8 (byte {e.start}: {e.reason})") from e
+    body = text.rstrip(" ")
+    if not body.startswith("{"):
+        raise HeaderJSONError("the header must begin with '{'")
+    try:
+        obj = strict_loads(body)
+    except ValueError as e:
+        raise HeaderJSONError(f"the header is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise HeaderJSONError("the header must be one JSON object")
+    if not body.endswith("}"):
+        raise HeaderEncodingError("the header may be padded only with spaces (0x20)")
+    metadata = obj.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderSchemaError("__metadata__ must be an object whose values are all strings")
+    if len(obj) > C.MAX_TENSORS:
+        raise TooManyTensorsError(f"the header lists {len(obj):,} tensors, over the limit of {C.MAX_TENSORS:,}")
+    tensors = {name: _tensor_info(name, entry, buffer_size) for name, entry in obj.items()}
+    _check_tiling(tensors, buffer_size)
+    return metadata, tensors
+
+
+def _tensor_info(name: str, entry: object, buffer_size: int) -> TensorInfo:
+    if not name or len(name.encode("utf-8")) > C.MAX_NAME_BYTES:
+        raise LimitExceededError(f"tensor name {name[:80]!r} must be 1 to {C.MAX_NAME_BYTES} bytes long")
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        raise HeaderSchemaError(f"tensor {name}: the entry must be an object with exactly the keys dtype, shape "
+                                "and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in C.DTYPES:
+        raise TensorDtypeError(f"tensor {name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
+    if not isinstance(shape, list) or not all(_json_int(d) for d in shape):
+        raise HeaderSchemaError(f"tensor {name}: shape must be a list of integers from 0 to 2**53-1, got {shape!r}")
+    if len(shape) > C.MAX_NDIM:
+        raise LimitExceededError(f"tensor {name}: {len(shape)} dimensions, over the limit of {C.MAX_NDIM}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_json_int(o) for o in offsets)):
+        raise HeaderSchemaError(f"tensor {name}: data_offsets must be two integers from 0 to 2**53-1, got {offsets!r}")
+    begin, end = offsets
+    if begin > end or end > buffer_size:
+        raise OffsetOutOfRangeError(
+            f"tensor {name}: data_offsets [{begin}, {end}] do not lie within the {buffer_size:,}-byte buffer")
+    expected = math.prod(shape) * C.DTYPES[dtype][0]
+    if expected != end - begin:
+        raise TensorSizeError(f"tensor {name}: shape {shape} of {dtype} needs {expected:,} bytes but data_offsets "
+                              f"span {end - begin:,}")
+    return TensorInfo(dtype, tuple(shape), begin, end)
+
+
+def _check_tiling(tensors: Mapping[str, TensorInfo], buffer_size: int) -> None:
+    """The tensors' ranges, sorted, must start at 0, follow each other without gaps or overlaps, and end at the end
+    of the buffer."""
+    expected, previous = 0, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin < expected:
+            raise OffsetOverlapError(f"tensors {previous} and {name} overlap at buffer byte {info.begin:,}")
+        if info.begin > expected:
+            raise BufferHoleError(f"buffer bytes {expected:,} to {info.begin:,} belong to no tensor")
+        expected, previous = info.end, name
+    if expected != buffer_size:
+        raise BufferHoleError(f"the last {buffer_size - expected:,} bytes of the buffer belong to no tensor")
+
+
+def _adapter_config(header: SafetensorsHeader) -> tuple[AdapterConfig, int]:
+    version = header.metadata.get(C.METADATA_FORMAT_VERSION)
+    if version is None:
+        peft_like = any(name.endswith(C.LORA_A_SUFFIX) for name in header.tensors)
+        raise NotLoraHubFileError(
+            "a safetensors file without lora-hub metadata ('lora_hub.format_version'); "
+            + ("it looks like a PEFT adapter: convert it with `lora-hub convert` (give the folder that holds "
+               "adapter_config.json)" if peft_like else "it is not a lora-hub adapter"))
+    if not _VERSION.fullmatch(version):
+        raise MetadataError(f"lora_hub.format_version must be a positive decimal integer, got {version[:40]!r}")
+    if int(version) > C.FORMAT_VERSION:
+        raise FormatVersionError(
+            f"the file is lora-hub format version {version}; this reader supports version {C.FORMAT_VERSION} "
+            "and older: upgrade lora-hub to read it")
+    text = header.metadata.get(C.METADATA_CONFIG)
+    if text is None:
+        raise MetadataError(f"the '{C.METADATA_CONFIG}' metadata key is missing")
+    if len(text.encode("utf-8")) > C.MAX_CONFIG_BYTES:
+        raise LimitExceededError(f"lora_hub.config is over the limit of {C.MAX_CONFIG_BYTES:,} bytes")
+    return AdapterConfig.from_json(text), int(version)
+
+
+def _json_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= C.MAX_JSON_INT
