@@ -1,0 +1,83 @@
+"""Readers for the adapter layouts people have (one module per layout), and the writer back to PEFT.
+
+`convert_adapter` detects the layout of a file or folder and reads it into an `Adapter`: lora-hub files, PEFT folders
+(safetensors, or the legacy pickle on opt-in), early-PEFT MergedLinear checkpoints, and loralib state dicts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from ..adapter import Adapter
+from .layouts import Detected as Detected
+from .layouts import Layout as Layout
+from .layouts import detect_layout as detect_layout
+from .loralib import from_loralib as from_loralib
+from .peft import expand_enable_lora as expand_enable_lora
+from .peft import from_peft as from_peft
+from .peft import peft_config as peft_config
+from .peft import read_peft
+from .peft import to_peft as to_peft
+
+if TYPE_CHECKING:
+    from ..basemodel import BaseSource
+
+__all__ = [
+    "Detected",
+    "Layout",
+    "convert_adapter",
+    "detect_layout",
+    "expand_enable_lora",
+    "from_loralib",
+    "from_peft",
+    "peft_config",
+    "to_peft",
+]
+
+
+def convert_adapter(
+    source: str | os.PathLike[str],
+    *,
+    base: BaseSource | None = None,
+    allow_pickle: bool = False,
+    alpha: float | Mapping[str, float] | None = None,
+    r: int | None = None,
+    enable_lora: Sequence[bool] | Mapping[str, Sequence[bool]] | None = None,
+    fan_in_fan_out: bool | None = None,
+) -> Adapter:
+    """Reads an adapter in any layout lora-hub knows into an Adapter.
+
+    Args:
+        source: A lora-hub file, a PEFT folder (or its weights file), or a loralib checkpoint.
+        base: The base model (a model folder, config.json, cached Hub id, config or model; see `describe_base`).
+            When given, every module is checked against it, fan_in_fan_out comes from the layer kinds, and the
+            base model's type and fingerprint are recorded.
+        allow_pickle: Allow pickle checkpoints (.bin, .pt), loaded with weights_only=True on the CPU.
+        alpha, r, enable_lora, fan_in_fan_out: What loralib checkpoints do not record (see `from_loralib`).
+
+    Raises:
+        AdapterNotFoundError, UnsupportedLayoutError, UnknownLayoutError, LfsPointerError, PickleRefusedError,
+        UnsafePickleError, WeightsMissingError, ConfigMissingError, PeftConfigError, UnsupportedFeatureError,
+        ParameterRequiredError, ModuleConflictError, BaseModelError, BaseModelMismatchError, and the format errors
+        of `read_header` for lora-hub files.
+
+    Example:
+        >>> adapter = lora_hub.convert_adapter("./peft-adapter", base="./tiny-llama")
+        >>> lora_hub.save_adapter(adapter, "adapter.safetensors")
+    """
+    detected = detect_layout(source)
+    if detected.layout is Layout.LORALIB:
+        return from_loralib(detected.weights, alpha=alpha, r=r, enable_lora=enable_lora,
+                            fan_in_fan_out=fan_in_fan_out, base=base, allow_pickle=allow_pickle)
+    if detected.layout is not Layout.LORA_HUB:
+        return read_peft(detected, base=base, allow_pickle=allow_pickle)
+    from ..basemodel import describe_base, fit_to_base
+    from ..format import load_adapter
+
+    adapter = load_adapter(detected.weights)
+    if base is not None:
+        config = fit_to_base(adapter.config, describe_base(base, task_type=adapter.config.task_type))
+        adapter = Adapter(config, adapter.tensors, source=adapter.source, _checked=True)
+    return adapter
