@@ -1,0 +1,128 @@
+"""The commands of `lora-hub`: each parses its options, calls one public function of lora_hub, and prints."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+import lora_hub
+
+
+class BoolList(click.ParamType):
+    """A comma-separated list of booleans, such as 1,0,1 or true,false,true."""
+
+    name = "bools"
+    _values = {"1": True, "true": True, "t": True, "yes": True, "0": False, "false": False, "f": False, "no": False}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [self._values[v.strip().lower()] for v in value.split(",")]
+        except KeyError:
+            self.fail(f"{value!r} is not a comma-separated list of booleans (for example 1,0,1)", param, ctx)
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--modules", "show_modules", is_flag=True, help="List every module with its settings.")
+@click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
+@click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
+def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, alpha: float | None) -> None:
+    """Summarise the adapter at PATH: base model, modules, ranks, dtypes, size, layout."""
+    summary = lora_hub.summarize(path, allow_pickle=allow_pickle, alpha=alpha)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    for label, value in _summary_lines(summary):
+        click.echo(f"{label:<17}{value}")
+    if show_modules:
+        for name, spec in summary.modules.items():
+            flags = f" enable_lora={spec['enable_lora']}" if spec["enable_lora"] else ""
+            click.echo(f"  {name}  r={spec['r']} alpha={spec['alpha']} in={spec['in_features']} "
+                       f"out={spec['out_features']}{' fan_in_fan_out' if spec['fan_in_fan_out'] else ''}{flags}")
+
+
+def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
+    base = summary.base_model or {}
+    version = f" v{summary.format_version}" if summary.format_version else ""
+    lines = [("path", summary.path), ("layout", summary.layout + version)]
+    if base.get("name") or base.get("model_type"):
+        extra = ", ".join(f"{k} {base[k]}" for k in ("model_type", "revision") if base.get(k))
+        lines.append(("base model", f"{base.get('name') or '?'}" + (f" ({extra})" if extra else "")))
+    if base.get("fingerprint"):
+        lines.append(("fingerprint", base["fingerprint"]))
+    if summary.task_type:
+        lines.append(("task type", summary.task_type))
+    targets = ", ".join(f"{name} x{count}" for name, count in summary.targets.items())
+    lines.append(("modules", f"{summary.module_count}: {targets}"))
+    for group in summary.groups:
+        flags = "".join([" rslora" if group.rslora else "", " fan_in_fan_out" if group.fan_in_fan_out else "",
+                         f" enable_lora={group.enable_lora}" if group.enable_lora else ""])
+        lines.append(("settings", f"{group.count} x r={group.r} alpha={group.alpha:g} "
+                                  f"(scaling {group.scaling:g}){flags}"))
+    dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in summary.dtypes.items())
+    lines.append(("tensors", f"{summary.tensor_count} ({dtypes}), {summary.parameters:,} LoRA parameters"))
+    lines.append(("size", f"{summary.size_bytes:,} bytes"))
+    if summary.modules_to_save:
+        lines.append(("modules to save", ", ".join(summary.modules_to_save)))
+    lines += [(key, str(value)) for key, value in summary.descriptive.items()]
+    if summary.tensors_sha256:
+        lines.append(("tensors sha256", summary.tensors_sha256))
+    return lines
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="The lora-hub file to write, or the folder for --to peft.")
+@click.option("--to", "target", type=click.Choice(["lora-hub", "peft"]), default="lora-hub", show_default=True,
+              help="Output layout.")
+@click.option("--base", help="Base model (folder, config.json, or Hub id in the local cache): checks every module "
+                             "and records the base model's type and fingerprint.")
+@click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
+@click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
+@click.option("--r", "rank", type=click.IntRange(min=1), help="Rank, checked against loralib tensors.")
+@click.option("--enable-lora", type=BoolList(), help="For loralib MergedLinear modules, e.g. 1,0,1.")
+@click.option("--fan-in-fan-out/--no-fan-in-fan-out", default=None,
+              help="For loralib checkpoints of Conv1D (GPT-2) bases, when --base is not given.")
+def convert(source: str, output: str, target: str, base: str | None, allow_pickle: bool, alpha: float | None,
+            rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None) -> None:
+    """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib) to OUTPUT."""
+    start = time.perf_counter()
+    adapter = lora_hub.convert_adapter(source, base=base, allow_pickle=allow_pickle, alpha=alpha, r=rank,
+                                       enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out)
+    if target == "peft":
+        written = lora_hub.to_peft(adapter, output)
+    else:
+        if Path(output).is_dir():
+            raise click.BadParameter(f"'{output}' is a folder; give a file name (or use --to peft)",
+                                     param_hint="'-o'")
+        written = lora_hub.save_adapter(adapter, output)
+    click.echo(f"wrote {written} ({target}): {len(adapter.modules)} modules, "
+               f"{time.perf_counter() - start:.2f} s")
+
+
+@click.command()
+@click.option("--keep", type=click.Path(file_okay=False), help="Keep the demo's files in this folder.")
+def demo(keep: str | None) -> None:
+    """Tour lora-hub offline on a tiny model built from a config: convert, inspect, export, verify."""
+    from lora_hub.demo import run_demo
+
+    click.echo("lora-hub demo: offline, tiny models built from configs, nothing downloaded")
+    total = 0.0
+
+    def report(step) -> None:
+        nonlocal total
+        total += step.seconds
+        click.echo(f"  {step.seconds * 1000:9.1f} ms  {step.title}\n               {step.detail}")
+
+    steps = run_demo(keep, report=report)
+    click.echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
+
+
+ALL_COMMANDS = [inspect, convert, demo]

@@ -1,0 +1,135 @@
+"""lora-hub: one file format for LoRA adapters, readers for the layouts people have, and the tools around them.
+
+Importing lora_hub does not import torch; functions that work on tensors import it when they run.
+"""
+
+from .adapter import Adapter as Adapter
+from .adapter import AdapterConfig as AdapterConfig
+from .adapter import BaseModelRef as BaseModelRef
+from .adapter import ModuleSpec as ModuleSpec
+from .adapter import delta_weight as delta_weight
+from .basemodel import BaseModelInfo as BaseModelInfo
+from .basemodel import LayerInfo as LayerInfo
+from .basemodel import describe_base as describe_base
+from .basemodel import fit_to_base as fit_to_base
+from .constants import FORMAT_VERSION as FORMAT_VERSION
+from .convert import Layout as Layout
+from .convert import convert_adapter as convert_adapter
+from .convert import detect_layout as detect_layout
+from .convert import from_loralib as from_loralib
+from .convert import from_peft as from_peft
+from .convert import to_peft as to_peft
+from .errors import AdapterNotFoundError as AdapterNotFoundError
+from .errors import BaseModelError as BaseModelError
+from .errors import BaseModelMismatchError as BaseModelMismatchError
+from .errors import BufferHoleError as BufferHoleError
+from .errors import ConfigError as ConfigError
+from .errors import ConfigMissingError as ConfigMissingError
+from .errors import ConversionError as ConversionError
+from .errors import FileTruncatedError as FileTruncatedError
+from .errors import FormatVersionError as FormatVersionError
+from .errors import HeaderEncodingError as HeaderEncodingError
+from .errors import HeaderJSONError as HeaderJSONError
+from .errors import HeaderSchemaError as HeaderSchemaError
+from .errors import HeaderTooLargeError as HeaderTooLargeError
+from .errors import InvalidAdapterError as InvalidAdapterError
+from .errors import LfsPointerError as LfsPointerError
+from .errors import LimitExceededError as LimitExceededError
+from .errors import LoraHubError as LoraHubError
+from .errors import LoraHubWarning as LoraHubWarning
+from .errors import MetadataError as MetadataError
+from .errors import MissingTensorError as MissingTensorError
+from .errors import ModuleConflictError as ModuleConflictError
+from .errors import NotLoraHubFileError as NotLoraHubFileError
+from .errors import OffsetOutOfRangeError as OffsetOutOfRangeError
+from .errors import OffsetOverlapError as OffsetOverlapError
+from .errors import ParameterRequiredError as ParameterRequiredError
+from .errors import PeftConfigError as PeftConfigError
+from .errors import PickleRefusedError as PickleRefusedError
+from .errors import RankMismatchError as RankMismatchError
+from .errors import ShapeMismatchError as ShapeMismatchError
+from .errors import TensorDtypeError as TensorDtypeError
+from .errors import TensorSizeError as TensorSizeError
+from .errors import TooManyTensorsError as TooManyTensorsError
+from .errors import UnexpectedTensorError as UnexpectedTensorError
+from .errors import UnknownLayoutError as UnknownLayoutError
+from .errors import UnsafePickleError as UnsafePickleError
+from .errors import UnsupportedFeatureError as UnsupportedFeatureError
+from .errors import UnsupportedLayoutError as UnsupportedLayoutError
+from .errors import WeightsMissingError as WeightsMissingError
+from .format import AdapterHeader as AdapterHeader
+from .format import TensorInfo as TensorInfo
+from .format import load_adapter as load_adapter
+from .format import read_header as read_header
+from .format import read_safetensors_header as read_safetensors_header
+from .format import save_adapter as save_adapter
+from .summary import AdapterSummary as AdapterSummary
+from .summary import summarize as summarize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSummary",
+    "summarize",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterHeader",
+    "AdapterNotFoundError",
+    "BaseModelError",
+    "BaseModelInfo",
+    "BaseModelMismatchError",
+    "BaseModelRef",
+    "BufferHoleError",
+    "ConfigError",
+    "ConfigMissingError",
+    "ConversionError",
+    "FORMAT_VERSION",
+    "FileTruncatedError",
+    "FormatVersionError",
+    "HeaderEncodingError",
+    "HeaderJSONError",
+    "HeaderSchemaError",
+    "HeaderTooLargeError",
+    "InvalidAdapterError",
+    "LayerInfo",
+    "Layout",
+    "LfsPointerError",
+    "LimitExceededError",
+    "LoraHubError",
+    "LoraHubWarning",
+    "MetadataError",
+    "MissingTensorError",
+    "ModuleConflictError",
+    "ModuleSpec",
+    "NotLoraHubFileError",
+    "OffsetOutOfRangeError",
+    "OffsetOverlapError",
+    "ParameterRequiredError",
+    "PeftConfigError",
+    "PickleRefusedError",
+    "RankMismatchError",
+    "ShapeMismatchError",
+    "TensorDtypeError",
+    "TensorInfo",
+    "TensorSizeError",
+    "TooManyTensorsError",
+    "UnexpectedTensorError",
+    "UnknownLayoutError",
+    "UnsafePickleError",
+    "UnsupportedFeatureError",
+    "UnsupportedLayoutError",
+    "WeightsMissingError",
+    "__version__",
+    "convert_adapter",
+    "delta_weight",
+    "describe_base",
+    "detect_layout",
+    "fit_to_base",
+    "from_loralib",
+    "from_peft",
+    "load_adapter",
+    "read_header",
+    "read_safetensors_header",
+    "save_adapter",
+    "to_peft",
+]
