@@ -92,7 +92,6 @@ def sniff(path: Path) -> FileKind:
     """The kind of file, from its first bytes (and a zip's member names)."""
     with open(path, "rb") as f:
         head = f.read(64)
-        size = os.fstat(f.fileno()).st_size
     if head.startswith(_LFS_MAGIC):
         return FileKind.LFS_POINTER
     if head.startswith(b"GGUF"):
@@ -108,8 +107,8 @@ def sniff(path: Path) -> FileKind:
         return FileKind.NPZ if names and all(n.endswith(".npy") for n in names) else FileKind.UNKNOWN
     if head[:1] == b"\x80":
         return FileKind.PICKLE
-    if len(head) >= 9 and head[8:9] == b"{" or path.suffix == ".safetensors" and size < 8 + 2:
-        return FileKind.SAFETENSORS
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
+        return FileKind.SAFETENSORS  # the header reader then says precisely what is wrong, if anything
     if head.lstrip()[:1] == b"{":
         return FileKind.JSON
     return FileKind.UNKNOWN

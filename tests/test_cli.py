@@ -1,0 +1,149 @@
+"""The lora-hub command line through click's runner, and the installed console script once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from lora_hub_cli.main import cli
+from safetensors.torch import load_file
+
+import lora_hub
+from lora_hub.testing import random_peft_adapter, tiny_model
+
+from .factories import random_adapter
+
+
+@pytest.fixture()
+def run():
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict | None = None):
+        return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=True)
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory) -> Path:
+    return random_peft_adapter(tiny_model("gpt2"), tmp_path_factory.mktemp("cli") / "peft", fan_in_fan_out=True)
+
+
+def test_inspect_prints_a_summary(run, tmp_path: Path) -> None:
+    path = lora_hub.save_adapter(random_adapter(1), tmp_path / "a.safetensors")
+    result = run("inspect", path)
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(None, 1) if not line.startswith(("base", "tensors sha", "modules to")) else
+                 (line[:17].strip(), line[17:]) for line in result.output.splitlines())
+    assert lines["layout"] == "lora-hub v1"
+    assert lines["modules"].startswith("3: c_attn x1, q_proj x1, v_proj x1")
+    assert "enable_lora=[True, False, True]" in result.output and "rslora" in result.output
+    assert lines["modules to save"] == "score"
+    assert lines["base model"] == "tiny/test (model_type llama)"
+
+
+def test_inspect_json_and_modules(run, peft_dir: Path) -> None:
+    result = run("inspect", peft_dir, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["layout"] == "peft (adapter_model.safetensors, safetensors)"
+    assert data["module_count"] == 8 and data["groups"][0]["fan_in_fan_out"] is True
+    listed = run("inspect", peft_dir, "--modules")
+    assert "transformer.h.1.mlp.c_fc  r=4 alpha=8 in=64 out=256 fan_in_fan_out" in listed.output
+
+
+def test_convert_to_lora_hub_and_back_to_peft(run, peft_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a.safetensors"
+    result = run("convert", peft_dir, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"wrote {out} (lora-hub): 8 modules")
+    back = run("convert", out, "-o", tmp_path / "peft", "--to", "peft")
+    assert back.exit_code == 0, back.output
+    before = load_file(peft_dir / "adapter_model.safetensors")
+    after = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
+
+
+def test_convert_warns_about_corrections(run, peft_dir: Path, tmp_path: Path, base_dirs) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(peft_dir, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    result = run("convert", edited, "-o", tmp_path / "a.safetensors", "--base", base_dirs["gpt2"])
+    assert result.exit_code == 0, result.output
+    assert "warning: fan_in_fan_out corrected for 8 module(s)" in result.output
+
+
+def test_convert_loralib_with_its_parameters(run, tmp_path: Path) -> None:
+    import loralib
+    from safetensors.torch import save_file
+
+    layer = loralib.MergedLinear(8, 12, r=2, lora_alpha=2, enable_lora=[True, False, True])
+    save_file({f"qkv.{k}": v for k, v in layer.state_dict().items() if "lora_" in k}, tmp_path / "l.safetensors")
+    missing = run("convert", tmp_path / "l.safetensors", "-o", tmp_path / "out.safetensors")
+    assert missing.exit_code == 1 and "error [PARAMETER_REQUIRED]" in missing.output
+    result = run("convert", tmp_path / "l.safetensors", "-o", tmp_path / "out.safetensors", "--alpha", "2",
+                 "--enable-lora", "1,0,1")
+    assert result.exit_code == 0, result.output
+    assert lora_hub.read_header(tmp_path / "out.safetensors").config.modules["qkv"].enable_lora == (True, False,
+                                                                                                      True)
+
+
+@pytest.mark.parametrize("name, content, label, code", [
+    ("x.safetensors", b"\xff" * 16, "invalid adapter", "HEADER_TOO_LARGE"),
+    ("x.bin", b"\xff" * 16, "error", "LAYOUT_UNKNOWN"),
+    ("x.bin", b"\x80\x04 a pickle", "refused", "PICKLE_REFUSED"),
+    ("x.safetensors", b"version https://git-lfs.github.com/spec/v1\n", "error", "GIT_LFS_POINTER"),
+])
+def test_errors_print_one_line_with_their_code_and_exit_1(run, tmp_path: Path, name, content, label, code) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = run("inspect", path)
+    assert result.exit_code == 1
+    assert result.output.startswith(f"{label} [{code}]: '{path}'")
+    assert len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_wrong_base_exits_1_and_writes_nothing(run, peft_dir: Path, tmp_path: Path, base_dirs) -> None:
+    result = run("convert", peft_dir, "-o", tmp_path / "a.safetensors", "--base", base_dirs["llama"])
+    assert result.exit_code == 1 and "[BASE_MISMATCH]" in result.output
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ("convert", "{peft}"),
+    ("convert", "{peft}", "-o", "x.safetensors", "--enable-lora", "yes,maybe"),
+    ("convert", "{peft}", "-o", "{tmp}"),
+    ("inspect", "{tmp}/does-not-exist"),
+    ("frobnicate",),
+])
+def test_usage_errors_exit_2(run, peft_dir: Path, tmp_path: Path, args) -> None:
+    result = run(*(a.format(peft=peft_dir, tmp=tmp_path) for a in args))
+    assert result.exit_code == 2, result.output
+
+
+def test_debug_shows_the_traceback(run, tmp_path: Path) -> None:
+    (tmp_path / "x.safetensors").write_bytes(b"\x01")
+    result = run("inspect", tmp_path / "x.safetensors", env={"LORA_HUB_DEBUG": "1"})
+    assert isinstance(result.exception, lora_hub.FileTruncatedError)
+
+
+def test_demo_runs_offline_and_checks_itself(run, tmp_path: Path) -> None:
+    result = run("demo", "--keep", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert "every adapter survived the round trip exactly" in result.output
+    assert (tmp_path / "demo" / "sql.safetensors").is_file()
+    assert "logits identical" in result.output
+
+
+def test_console_script_is_installed() -> None:
+    executable = shutil.which("lora-hub")
+    assert executable, "the lora-hub console script is not on PATH"
+    result = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"lora-hub, version {lora_hub.__version__}"
