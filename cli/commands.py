@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import click
 
 import lora_hub
+
+
+def debug_enabled() -> bool:
+    """LORA_HUB_DEBUG=1 shows tracebacks and third-party warnings and progress bars."""
+    return os.environ.get("LORA_HUB_DEBUG") == "1"
 
 
 class BoolList(click.ParamType):
@@ -111,8 +117,12 @@ def convert(source: str, output: str, target: str, base: str | None, allow_pickl
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep the demo's files in this folder.")
 def demo(keep: str | None) -> None:
     """Tour lora-hub offline on a tiny model built from a config: convert, inspect, export, verify."""
+    from transformers.utils import logging as transformers_logging
+
     from lora_hub.demo import run_demo
 
+    if not debug_enabled():
+        transformers_logging.disable_progress_bar()
     click.echo("lora-hub demo: offline, tiny models built from configs, nothing downloaded")
     total = 0.0
 

@@ -5,7 +5,7 @@ LORA_HUB_DEBUG=1.
 
 from __future__ import annotations
 
-import os
+import logging
 import sys
 import warnings
 from typing import Any
@@ -14,7 +14,7 @@ import click
 
 import lora_hub
 
-from .commands import ALL_COMMANDS
+from .commands import ALL_COMMANDS, debug_enabled
 
 CLI_ERROR_MAPPINGS: list[tuple[type[BaseException], str]] = [
     (lora_hub.AdapterNotFoundError, "not found"),
@@ -26,12 +26,8 @@ CLI_ERROR_MAPPINGS: list[tuple[type[BaseException], str]] = [
 """Library errors -> the label printed before the message, most specific class first."""
 
 
-def _debug() -> bool:
-    return os.environ.get("LORA_HUB_DEBUG") == "1"
-
-
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    if issubclass(category, lora_hub.LoraHubWarning) or _debug():
+    if issubclass(category, lora_hub.LoraHubWarning) or debug_enabled():
         click.echo(f"warning: {message}", err=True)
 
 
@@ -40,6 +36,8 @@ class LoraHubGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        if not debug_enabled():
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on import
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             warnings.simplefilter("always", lora_hub.LoraHubWarning)
@@ -52,7 +50,7 @@ class LoraHubGroup(click.Group):
                 click.echo("Aborted.", err=True)
                 sys.exit(1)
             except tuple(cls for cls, _ in CLI_ERROR_MAPPINGS) as e:
-                if _debug():
+                if debug_enabled():
                     raise
                 label = next(label for cls, label in CLI_ERROR_MAPPINGS if isinstance(e, cls))
                 code = getattr(e, "code", None)

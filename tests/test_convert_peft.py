@@ -101,6 +101,10 @@ def test_legacy_bin_needs_the_opt_in_and_then_matches(tmp_path: Path) -> None:
     with pytest.raises(lora_hub.PickleRefusedError, match="allow_pickle=True"):
         lora_hub.convert_adapter(pickled)
     from_bin = lora_hub.convert_adapter(pickled, allow_pickle=True)
+    alone = tmp_path / "alone.bin"
+    alone.write_bytes((pickled / "adapter_model.bin").read_bytes())
+    with pytest.raises(lora_hub.ConfigMissingError, match="adapter_config.json"):
+        lora_hub.convert_adapter(alone, allow_pickle=True)
     from_safetensors = lora_hub.convert_adapter(safe)
     assert from_bin.modules == from_safetensors.modules
     assert all(torch.equal(from_bin.tensors[n], t) for n, t in from_safetensors.tensors.items())
@@ -203,3 +207,13 @@ def test_pattern_keys_match_exactly_one_module_even_when_paths_nest() -> None:
     peft = LoraConfig(target_modules=config["target_modules"])
     candidates = [*modules, "w.h.0.attn", "h.0.attn.inner", "z.q2"]
     assert {c for c in candidates if check_target_module_exists(peft, c)} == set(modules)
+
+
+def test_an_exported_folder_reads_back_as_lora_hub(tmp_path: Path) -> None:
+    adapter = lora_hub.convert_adapter(random_peft_adapter(tiny_model("opt"), tmp_path / "peft"))
+    exported = lora_hub.to_peft(adapter, tmp_path / "exported")
+    detected = lora_hub.detect_layout(exported)
+    assert detected.layout is lora_hub.Layout.LORA_HUB and detected.weights.name == "adapter_model.safetensors"
+    config = json.loads((exported / "adapter_config.json").read_text())
+    (exported / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # ignored: derived
+    assert lora_hub.convert_adapter(exported).modules == adapter.modules

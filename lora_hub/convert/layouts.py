@@ -196,6 +196,8 @@ def _detect_file(path: Path, config: Path | None) -> Detected:
         raise UnsupportedLayoutError("a NumPy .npz archive (MLX-LM adapters.npz); lora-hub does not read MLX "
                                      "adapters yet", layout="mlx", path=path)
     header = read_safetensors_header(path) if kind is FileKind.SAFETENSORS else None
+    if header is not None and C.METADATA_FORMAT_VERSION in header.metadata:
+        return Detected(Layout.LORA_HUB, path, None, kind)  # a PEFT config beside it is derived from it
     if path.name in _DIFFUSERS_FILES:
         raise UnsupportedLayoutError(
             "a diffusers LoRA (pytorch_lora_weights.*) for a diffusion model; lora-hub adapts transformers models",
@@ -215,8 +217,6 @@ def _detect_file(path: Path, config: Path | None) -> Detected:
 
 def _detect_safetensors(path: Path, header: SafetensorsHeader, config: Path | None,
                         peft_config: Mapping[str, Any] | None) -> Detected:
-    if C.METADATA_FORMAT_VERSION in header.metadata:
-        return Detected(Layout.LORA_HUB, path, None, FileKind.SAFETENSORS)
     family = classify_names(header.tensors)
     meta = header.metadata
     if family in ("diffusers", "kohya") or any(k.startswith("ss_") for k in meta) or "ai-toolkit" in meta.get(

@@ -14,8 +14,14 @@ from typing import TYPE_CHECKING
 
 from .. import constants as C
 from ..adapter import Adapter, AdapterConfig, ModuleSpec
-from ..errors import MissingTensorError, ParameterRequiredError, RankMismatchError, UnknownLayoutError
-from .layouts import sniff
+from ..errors import (
+    ConfigMissingError,
+    MissingTensorError,
+    ParameterRequiredError,
+    RankMismatchError,
+    UnknownLayoutError,
+)
+from .layouts import classify_names, sniff
 from .weights import load_weights
 
 if TYPE_CHECKING:
@@ -70,6 +76,9 @@ def from_loralib(
         else:
             others[name] = tensor
     if not pairs:
+        if classify_names(source) == "peft":
+            raise ConfigMissingError("PEFT-style tensors without the adapter_config.json that gives their alpha and "
+                                     "other settings: convert the folder that holds both", path=path)
         raise UnknownLayoutError("no '<module>.lora_A' / '<module>.lora_B' pairs: not a loralib state dict", path=path)
     if alpha is None:
         raise ParameterRequiredError(
