@@ -31,8 +31,7 @@ from .jsontext import canonical_json, strict_loads
 if TYPE_CHECKING:
     import torch
 
-_NAME_SEGMENT = re.compile(r"[A-Za-z0-9_\-]+")
-_RESERVED_SEGMENTS = frozenset({"lora_A", "lora_B"})
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -40,13 +39,14 @@ def check_module_name(name: object) -> str | None:
     """Returns what is wrong with a module path, or None when it is valid (FORMAT.md, "Module paths")."""
     if not isinstance(name, str) or not name:
         return "a module path must be a non-empty string"
-    if len(name.encode("utf-8")) > C.MAX_NAME_BYTES:
+    if len(name) > C.MAX_NAME_BYTES:  # the pattern admits ASCII only, so characters are bytes
         return f"a module path must be at most {C.MAX_NAME_BYTES} bytes"
-    for segment in name.split("."):
-        if not _NAME_SEGMENT.fullmatch(segment):
-            return "each dot-separated segment must be non-empty and use only A-Z, a-z, 0-9, '_' and '-'"
-        if segment in _RESERVED_SEGMENTS:
-            return f"'{segment}' is reserved for tensor names and cannot be a module path segment"
+    if not _MODULE_PATH.fullmatch(name):
+        return "each dot-separated segment must be non-empty and use only A-Z, a-z, 0-9, '_' and '-'"
+    dotted = f".{name}."
+    for reserved in ("lora_A", "lora_B"):
+        if f".{reserved}." in dotted:
+            return f"'{reserved}' is reserved for tensor names and cannot be a module path segment"
     return None
 
 
@@ -101,6 +101,11 @@ class ModuleSpec:
 
     def problems(self) -> list[str]:
         """What is wrong with this spec, as sentences; empty when it is valid."""
+        if (type(self.r) is int and 1 <= self.r <= C.MAX_RANK and type(self.in_features) is int
+                and type(self.out_features) is int and self.in_features >= 1 and self.out_features >= 1
+                and type(self.alpha) in (int, float) and 0 < self.alpha < math.inf and type(self.rslora) is bool
+                and type(self.fan_in_fan_out) is bool and self.enable_lora is None):
+            return []  # the common case, checked in one expression
         found = []
         for key in ("r", "in_features", "out_features"):
             value = getattr(self, key)
@@ -138,23 +143,14 @@ class ModuleSpec:
     def from_dict(cls, data: object, *, module: str) -> ModuleSpec:
         if not isinstance(data, dict):
             raise ConfigError(f"module '{module}': the entry must be a JSON object, got {_json_type(data)}")
-        missing = [k for k in ("r", "alpha", "in_features", "out_features") if k not in data]
-        if missing:
-            raise ConfigError(f"module '{module}': required key(s) {', '.join(missing)} missing")
         flags = data.get("enable_lora")
-        spec = cls(
-            r=data["r"],
-            alpha=data["alpha"],
-            in_features=data["in_features"],
-            out_features=data["out_features"],
-            rslora=data.get("rslora", False),
-            fan_in_fan_out=data.get("fan_in_fan_out", False),
-            enable_lora=tuple(flags) if isinstance(flags, list) else flags,
-        )
-        problems = spec.problems()
-        if problems:
-            raise ConfigError(f"module '{module}': {'; '.join(problems)}")
-        return spec
+        try:
+            return cls(  # checked where it is placed in an AdapterConfig, which names the module
+                data["r"], data["alpha"], data["in_features"], data["out_features"], data.get("rslora", False),
+                data.get("fan_in_fan_out", False), tuple(flags) if isinstance(flags, list) else flags)
+        except KeyError:
+            missing = [k for k in ("r", "alpha", "in_features", "out_features") if k not in data]
+            raise ConfigError(f"module '{module}': required key(s) {', '.join(missing)} missing") from None
 
 
 @dataclass(frozen=True)
@@ -322,13 +318,15 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
                                        f"{', '.join(sorted(C.LORA_DTYPES))}")
             if len(shape) != 2:
                 raise ShapeMismatchError(f"{name} must be 2-dimensional, got shape {list(shape)}")
-        if a_shape[0] != b_shape[1] * spec.groups:
+        groups = spec.groups
+        if a_shape[0] != b_shape[1] * groups:
             raise RankMismatchError(
                 f"module '{module}': lora_A has {a_shape[0]} rows but lora_B has rank {b_shape[1]}"
                 + (f" and {spec.groups} enabled slices" if spec.enable_lora else "")
                 + f"; expected lora_A rows = {'groups * ' if spec.enable_lora else ''}lora_B columns"
             )
-        if tuple(a_shape) != spec.a_shape or tuple(b_shape) != spec.b_shape:
+        expected = (spec.r * groups, spec.in_features, spec.slice_features * groups, spec.r)
+        if (a_shape[0], a_shape[1], b_shape[0], b_shape[1]) != expected:
             raise ShapeMismatchError(
                 f"module '{module}': the config (r={spec.r}, in={spec.in_features}, out={spec.out_features}"
                 + (f", enable_lora={list(spec.enable_lora)}" if spec.enable_lora else "")

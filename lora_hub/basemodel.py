@@ -10,12 +10,12 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .adapter import AdapterConfig, BaseModelRef
-from .errors import BaseModelError, BaseModelMismatchError, LoraHubWarning
+from .errors import BaseModelError, BaseModelMismatchError, FanInFanOutCorrectedWarning
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,6 +70,10 @@ class BaseModelInfo:
     model_type: str | None
     layers: Mapping[str, LayerInfo]
     revision: str | None = None
+    modules: frozenset[str] = frozenset()
+    """Every module path, adaptable or not."""
+    parameters: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Every parameter and buffer by path, with its shape (what replacement tensors must match)."""
 
     def fingerprint(self, modules: Iterable[str]) -> str:
         """The fingerprint of the given layers of this model (FORMAT.md, "Base model fingerprint").
@@ -111,7 +115,7 @@ def fit_to_base(config: AdapterConfig, base: BaseModelInfo) -> AdapterConfig:
         modules[name] = replace(spec, fan_in_fan_out=layer.fan_in_fan_out)
     if corrected:
         kind = "a Conv1D" if base.layers[corrected[0]].fan_in_fan_out else "an nn.Linear"
-        warnings.warn(LoraHubWarning(
+        warnings.warn(FanInFanOutCorrectedWarning(
             f"fan_in_fan_out corrected for {len(corrected)} module(s) to match the base layers (first: "
             f"'{corrected[0]}' is {kind}); PEFT makes the same correction when it loads the adapter"), stacklevel=3)
     known = config.base_model or BaseModelRef()
@@ -199,17 +203,22 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
     from transformers.pytorch_utils import Conv1D
 
     layers: dict[str, LayerInfo] = {}
+    modules = []
     for path, module in model.named_modules():
+        modules.append(path)
         if isinstance(module, nn.Linear):
             layers[path] = LayerInfo("linear", module.in_features, module.out_features, _quantization(module))
         elif isinstance(module, Conv1D):
             rows, cols = module.weight.shape
             layers[path] = LayerInfo("conv1d", int(rows), int(cols))
     config = getattr(model, "config", None)
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return BaseModelInfo(
         name=name or getattr(config, "name_or_path", None) or None,
         model_type=getattr(config, "model_type", None),
         layers=layers,
+        modules=frozenset(modules),
+        parameters={path: tuple(tensor.shape) for path, tensor in tensors},
     )
 
 

@@ -52,5 +52,9 @@ MAX_NAME_BYTES = 1_024
 """Longest tensor or module name, in UTF-8 bytes."""
 MAX_JSON_INT = 2**53 - 1
 """Largest shape entry or offset: integers above it are not exact in every JSON implementation."""
+MAX_HEADER_OBJECTS = MAX_TENSORS + MAX_MODULES + 2
+"""Most '{' bytes a header may hold, counted before it is parsed: one per tensor entry, one per module entry of the
+config (inside its JSON string), the header itself and __metadata__. A header of a million tiny tensors is refused
+before the JSON parser allocates anything for it."""
 MAX_PEFT_CONFIG_BYTES = 16 * 1024 * 1024
 """Largest adapter_config.json that the PEFT reader will parse."""

@@ -270,3 +270,17 @@ class BaseModelMismatchError(LoraHubError, ValueError):
 
 class LoraHubWarning(UserWarning):
     """Something was corrected or ignored on the way, and the user should know (never a silent change)."""
+
+    code = "LORA_HUB_WARNING"
+
+
+class FanInFanOutCorrectedWarning(LoraHubWarning):
+    """The source's fan_in_fan_out contradicted the base layer kind and was corrected from the layer."""
+
+    code = "FAN_IN_FAN_OUT_IN_CONFIG"
+
+
+class UntargetedModulesWarning(LoraHubWarning):
+    """Modules have LoRA tensors that the PEFT config's target_modules does not match."""
+
+    code = "UNTARGETED_MODULES"

@@ -158,7 +158,11 @@ def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
         >>> {spec.r for spec in header.config.modules.values()}
         {16}
     """
-    header = read_safetensors_header(path)
+    return adapter_header(read_safetensors_header(path))
+
+
+def adapter_header(header: SafetensorsHeader) -> AdapterHeader:
+    """The lora-hub reading of an already checked safetensors header (see `read_header`)."""
     try:
         config, version = _adapter_config(header)
         check_tensor_index(config, {n: (i.dtype, i.shape) for n, i in header.tensors.items()})
@@ -168,8 +172,9 @@ def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
     return AdapterHeader(header, config, version)
 
 
-def load_adapter(path: str | os.PathLike[str]) -> Adapter:
-    """Opens a lora-hub file. Tensors stay memory-mapped and are created on first access.
+def load_adapter(path: str | os.PathLike[str] | AdapterHeader) -> Adapter:
+    """Opens a lora-hub file (or the file of an already read header). Tensors stay memory-mapped and are created on
+    first access.
 
     Raises:
         Every error of `read_header`.
@@ -181,7 +186,7 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     """
     from .tensors import MappedTensors
 
-    header = read_header(path)
+    header = path if isinstance(path, AdapterHeader) else read_header(path)
     tensors = MappedTensors(header.path, header.safetensors.data_offset, header.tensors)
     return Adapter(header.config, tensors, source=header.path, _checked=True)
 
@@ -220,17 +225,42 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bo
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + data.nbytes]}
         offset += data.nbytes
     config = replace(adapter.config, tensors_sha256=digest.hexdigest() if checksum else None)
-    entries["__metadata__"] = {
+    header = _canonical_header(entries, config)
+    return atomic_write(path, [struct.pack("<Q", len(header)), header, *payload])
+
+
+def is_canonical(header: AdapterHeader) -> bool:
+    """Whether the file's header is byte for byte what `save_adapter` writes for the same content (FORMAT.md,
+    "Canonical writer"): tensor order, offsets, metadata, canonical JSON and padding."""
+    infos = header.tensors
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name in sorted(infos, key=lambda n: (-C.DTYPES[infos[n].dtype][0], n)):
+        info = infos[name]
+        if info.begin != offset:
+            return False
+        entries[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+        offset = info.end
+    with open(header.path, "rb") as f:
+        f.seek(8)
+        raw = f.read(header.safetensors.header_size)
+    return raw == _canonical_header(entries, header.config)
+
+
+def _canonical_header(entries: dict[str, Any], config: AdapterConfig) -> bytes:
+    metadata = {
         C.METADATA_FORMAT: "pt",
         C.METADATA_FORMAT_VERSION: str(C.FORMAT_VERSION),
         C.METADATA_CONFIG: config.to_json(),
     }
-    header = canonical_json(entries).encode("ascii")
-    header += b" " * (-len(header) % 8)
-    return atomic_write(path, [struct.pack("<Q", len(header)), header, *payload])
+    header = canonical_json({**entries, "__metadata__": metadata}).encode("ascii")
+    return header + b" " * (-len(header) % 8)
 
 
 def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    if raw.count(b"{") > C.MAX_HEADER_OBJECTS:
+        raise TooManyTensorsError(f"the header holds {raw.count(b'{'):,} '{{' bytes, more than a header within the "
+                                  f"limits can ({C.MAX_HEADER_OBJECTS:,}); it was not parsed")
     if b"\x00" in raw:
         raise HeaderEncodingError(f"the header contains a NUL byte at offset {raw.index(0)}")
     try:
@@ -259,19 +289,19 @@ def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], dict
 
 
 def _tensor_info(name: str, entry: object, buffer_size: int) -> TensorInfo:
-    if not name or len(name.encode("utf-8")) > C.MAX_NAME_BYTES:
+    if not name or len(name) * 4 > C.MAX_NAME_BYTES and len(name.encode("utf-8")) > C.MAX_NAME_BYTES:
         raise LimitExceededError(f"tensor name {name[:80]!r} must be 1 to {C.MAX_NAME_BYTES} bytes long")
-    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+    if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
         raise HeaderSchemaError(f"tensor {name}: the entry must be an object with exactly the keys dtype, shape "
                                 "and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in C.DTYPES:
+    if type(dtype) is not str or dtype not in C.DTYPES:
         raise TensorDtypeError(f"tensor {name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
-    if not isinstance(shape, list) or not all(_json_int(d) for d in shape):
+    if type(shape) is not list or not _json_ints(shape):
         raise HeaderSchemaError(f"tensor {name}: shape must be a list of integers from 0 to 2**53-1, got {shape!r}")
     if len(shape) > C.MAX_NDIM:
         raise LimitExceededError(f"tensor {name}: {len(shape)} dimensions, over the limit of {C.MAX_NDIM}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_json_int(o) for o in offsets)):
+    if type(offsets) is not list or len(offsets) != 2 or not _json_ints(offsets):
         raise HeaderSchemaError(f"tensor {name}: data_offsets must be two integers from 0 to 2**53-1, got {offsets!r}")
     begin, end = offsets
     if begin > end or end > buffer_size:
@@ -320,5 +350,9 @@ def _adapter_config(header: SafetensorsHeader) -> tuple[AdapterConfig, int]:
     return AdapterConfig.from_json(text), int(version)
 
 
-def _json_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= C.MAX_JSON_INT
+def _json_ints(values: list) -> bool:
+    """Whether every value is a JSON integer (not a boolean) within 0..2**53-1."""
+    for value in values:
+        if type(value) is not int or not 0 <= value <= C.MAX_JSON_INT:
+            return False
+    return True

@@ -69,14 +69,15 @@ def convert_adapter(
     """
     detected = detect_layout(source)
     if detected.layout is Layout.LORALIB:
-        return from_loralib(detected.weights, alpha=alpha, r=r, enable_lora=enable_lora,
+        source = detected.weights if detected.header is None else detected.header
+        return from_loralib(source, alpha=alpha, r=r, enable_lora=enable_lora,
                             fan_in_fan_out=fan_in_fan_out, base=base, allow_pickle=allow_pickle)
     if detected.layout is not Layout.LORA_HUB:
         return read_peft(detected, base=base, allow_pickle=allow_pickle)
     from ..basemodel import describe_base, fit_to_base
-    from ..format import load_adapter
+    from ..format import adapter_header, load_adapter
 
-    adapter = load_adapter(detected.weights)
+    adapter = load_adapter(adapter_header(detected.header))
     if base is not None:
         config = fit_to_base(adapter.config, describe_base(base, task_type=adapter.config.task_type))
         adapter = Adapter(config, adapter.tensors, source=adapter.source, _checked=True)

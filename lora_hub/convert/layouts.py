@@ -7,9 +7,10 @@ ones it recognises but does not read (diffusers, kohya, MLX, GGUF, Git LFS point
 from __future__ import annotations
 
 import enum
+import json
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class Detected:
     config: Path | None
     kind: FileKind
     peft_config: Mapping[str, Any] | None = None
+    header: SafetensorsHeader | None = None
+    """The checked safetensors header of `weights`, when it is a safetensors file (read once, here)."""
 
     @property
     def description(self) -> str:
@@ -92,6 +95,9 @@ def sniff(path: Path) -> FileKind:
     """The kind of file, from its first bytes (and a zip's member names)."""
     with open(path, "rb") as f:
         head = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return FileKind.SAFETENSORS  # first: a length prefix may well start with 0x80, like a pickle
     if head.startswith(_LFS_MAGIC):
         return FileKind.LFS_POINTER
     if head.startswith(b"GGUF"):
@@ -107,8 +113,8 @@ def sniff(path: Path) -> FileKind:
         return FileKind.NPZ if names and all(n.endswith(".npy") for n in names) else FileKind.UNKNOWN
     if head[:1] == b"\x80":
         return FileKind.PICKLE
-    if path.suffix == ".safetensors" or head[8:9] == b"{":
-        return FileKind.SAFETENSORS  # the header reader then says precisely what is wrong, if anything
+    if path.suffix == ".safetensors":
+        return FileKind.SAFETENSORS  # the header reader then says precisely what is wrong
     if head.lstrip()[:1] == b"{":
         return FileKind.JSON
     return FileKind.UNKNOWN
@@ -133,6 +139,7 @@ def read_peft_config(path: Path) -> dict:
     if "lora_parameters" in config or "fine_tune_type" in config:
         raise UnsupportedLayoutError("an MLX-LM adapter config; lora-hub does not read MLX adapters yet",
                                      layout="mlx", path=path)
+    _check_peft_types(config, path)
     peft_type = config.get("peft_type", "LORA" if "r" in config else None)
     if peft_type != "LORA":
         raise UnsupportedFeatureError(
@@ -142,6 +149,47 @@ def read_peft_config(path: Path) -> dict:
         raise UnsupportedFeatureError("a DoRA adapter (use_dora=true): its magnitude vectors are not part of "
                                       "lora-hub format v1", path=path)
     return config
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _strings(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+_PEFT_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "peft_type": ("a string", lambda v: isinstance(v, str)),
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a number", _is_number),
+    "target_modules": ("a regex string or a list of module names", lambda v: isinstance(v, str) or _strings(v)),
+    "modules_to_save": ("a list of module names", _strings),
+    "rank_pattern": ("an object of pattern -> positive integer",
+                     lambda v: isinstance(v, dict) and all(_is_int(x) and x > 0 for x in v.values())),
+    "alpha_pattern": ("an object of pattern -> number",
+                      lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+    "enable_lora": ("a list of booleans", lambda v: isinstance(v, list) and all(isinstance(x, bool) for x in v)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "task_type": ("a string", lambda v: isinstance(v, str)),
+    "base_model_name_or_path": ("a string", lambda v: isinstance(v, str)),
+    "revision": ("a string", lambda v: isinstance(v, str)),
+    "bias": ("a string", lambda v: isinstance(v, str)),
+}
+"""The types of the adapter_config.json keys lora-hub reads; null means PEFT's default for every one of them."""
+
+
+def _check_peft_types(config: Mapping[str, Any], path: Path) -> None:
+    for key, (expected, valid) in _PEFT_TYPES.items():
+        value = config.get(key)
+        if value is not None and not valid(value):
+            raise PeftConfigError(f"'{key}' must be {expected}, got {json.dumps(value)[:80]}", path=path)
 
 
 def classify_names(names: Iterable[str]) -> str | None:
@@ -197,7 +245,7 @@ def _detect_file(path: Path, config: Path | None) -> Detected:
                                      "adapters yet", layout="mlx", path=path)
     header = read_safetensors_header(path) if kind is FileKind.SAFETENSORS else None
     if header is not None and C.METADATA_FORMAT_VERSION in header.metadata:
-        return Detected(Layout.LORA_HUB, path, None, kind)  # a PEFT config beside it is derived from it
+        return Detected(Layout.LORA_HUB, path, None, kind, header=header)  # a PEFT config beside it is derived
     if path.name in _DIFFUSERS_FILES:
         raise UnsupportedLayoutError(
             "a diffusers LoRA (pytorch_lora_weights.*) for a diffusion model; lora-hub adapts transformers models",
@@ -229,9 +277,9 @@ def _detect_safetensors(path: Path, header: SafetensorsHeader, config: Path | No
         if peft_config is None:
             raise _config_missing(path)
         layout = Layout.PEFT_MERGED_LINEAR if peft_config.get("enable_lora") else Layout.PEFT
-        return Detected(layout, path, config, FileKind.SAFETENSORS, peft_config)
+        return Detected(layout, path, config, FileKind.SAFETENSORS, peft_config, header)
     if family == "loralib":
-        return Detected(Layout.LORALIB, path, None, FileKind.SAFETENSORS)
+        return Detected(Layout.LORALIB, path, None, FileKind.SAFETENSORS, header=header)
     what = "no tensors" if not header.tensors else f"tensors such as {_sample(header.tensors)}"
     raise UnknownLayoutError(f"a safetensors file with {what}: no LoRA layout that lora-hub knows (lora_A/lora_B "
                              "pairs) matches; if it is a model checkpoint, it is not an adapter", path=path)

@@ -21,7 +21,8 @@ from ..errors import (
     RankMismatchError,
     UnknownLayoutError,
 )
-from .layouts import classify_names, sniff
+from ..format import SafetensorsHeader
+from .layouts import FileKind, classify_names, sniff
 from .weights import load_weights
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ PerModule = Mapping[str, "float | Sequence[bool] | bool"]
 
 
 def from_loralib(
-    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | SafetensorsHeader,
     *,
     alpha: float | Mapping[str, float] | None,
     r: int | None = None,
@@ -64,7 +65,10 @@ def from_loralib(
 
     info = describe_base(base) if base is not None else None
     path = None
-    if not isinstance(source, Mapping):
+    if isinstance(source, SafetensorsHeader):
+        path = Path(source.path)
+        source = load_weights(path, FileKind.SAFETENSORS, allow_pickle=allow_pickle, header=source)
+    elif not isinstance(source, Mapping):
         path = Path(source)
         source = load_weights(path, sniff(path), allow_pickle=allow_pickle)
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -25,12 +25,12 @@ from ..adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
 from ..errors import (
     ConversionError,
     LoraHubError,
-    LoraHubWarning,
     MissingTensorError,
     ModuleConflictError,
     PeftConfigError,
     RankMismatchError,
     UnsupportedFeatureError,
+    UntargetedModulesWarning,
 )
 from .layouts import Detected, detect_layout
 from .loralib import module_spec
@@ -76,7 +76,7 @@ def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool
     from ..basemodel import describe_base, fit_to_base
 
     config = detected.peft_config
-    tensors = load_weights(detected.weights, detected.kind, allow_pickle=allow_pickle)
+    tensors = load_weights(detected.weights, detected.kind, allow_pickle=allow_pickle, header=detected.header)
     try:
         adapter = peft_state_to_adapter(config, tensors)
     except LoraHubError as e:
@@ -122,7 +122,7 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
         out[f"{C.TENSOR_PREFIX}{module}{C.LORA_A_SUFFIX}"] = a
         out[f"{C.TENSOR_PREFIX}{module}{C.LORA_B_SUFFIX}"] = b
     if untargeted:
-        warnings.warn(LoraHubWarning(
+        warnings.warn(UntargetedModulesWarning(
             f"target_modules in adapter_config.json does not match {len(untargeted)} module(s) that have LoRA tensors "
             f"(first: '{untargeted[0]}'); PEFT would ignore them, lora-hub keeps them"), stacklevel=3)
     listed = set(config.get("modules_to_save") or ()) | set(TASK_MODULES_TO_SAVE.get(config.get("task_type"), ()))

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConversionError, PickleRefusedError, UnknownLayoutError, UnsafePickleError
-from ..format import read_safetensors_header
+from ..format import SafetensorsHeader, read_safetensors_header
 from .layouts import FileKind
 
 if TYPE_CHECKING:
     import torch
 
 
-def load_weights(path: Path, kind: FileKind, *, allow_pickle: bool) -> Mapping[str, torch.Tensor]:
-    """The tensors of a safetensors or pickle file, by name.
+def load_weights(path: Path, kind: FileKind, *, allow_pickle: bool,
+                 header: SafetensorsHeader | None = None) -> Mapping[str, torch.Tensor]:
+    """The tensors of a safetensors file (whose checked header may be given) or a pickle file, by name.
 
     Raises:
         PickleRefusedError: A pickle file and `allow_pickle` is False.
@@ -29,7 +30,7 @@ def load_weights(path: Path, kind: FileKind, *, allow_pickle: bool) -> Mapping[s
     if kind is FileKind.SAFETENSORS:
         from ..tensors import MappedTensors
 
-        header = read_safetensors_header(path)
+        header = header or read_safetensors_header(path)
         return MappedTensors(path, header.data_offset, header.tensors)
     return load_pickle(path, allow_pickle=allow_pickle)
 

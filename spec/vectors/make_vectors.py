@@ -255,7 +255,9 @@ def large_invalid_vectors() -> dict[str, tuple[bytes, str]]:
     """Vectors of several MB, written only on request (--large) and never committed."""
     names = [f"t{i:06d}" for i in range(262_145)]
     entries = ",".join(f'"{n}":{{"data_offsets":[0,0],"dtype":"U8","shape":[0]}}' for n in names)
-    return {"too_many_tensors": (raw_file(("{" + entries + "}").encode()), "TOO_MANY_TENSORS")}
+    million = ",".join(f'"t{i:07d}":{{"data_offsets":[0,0],"dtype":"U8","shape":[0]}}' for i in range(1_000_000))
+    return {"too_many_tensors": (raw_file(("{" + entries + "}").encode()), "TOO_MANY_TENSORS"),
+            "million_tiny_tensors": (raw_file(("{" + million + "}").encode()), "TOO_MANY_TENSORS")}
 
 
 def main(out_dir: Path, *, large: bool = False) -> None:
