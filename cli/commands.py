@@ -114,6 +114,44 @@ def convert(source: str, output: str, target: str, base: str | None, allow_pickl
 
 
 @click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--base", help="Base model to check against (folder, config.json, or Hub id in the local cache).")
+@click.option("--level", type=click.Choice(["header", "full"]), default="full", show_default=True,
+              help="header reads only the header; full also streams every tensor's contents.")
+@click.option("--profile", type=click.Choice(["peft", "vllm", "lora-hub"]),
+              help="Also check that the file will work there (lora-hub: strict format v1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON array.")
+@click.option("--strict", is_flag=True, help="Fail on warnings too.")
+@click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
+@click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
+def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str | None, as_json: bool, strict: bool,
+             allow_pickle: bool, alpha: float | None) -> int:
+    """Check adapter files before they touch a model: one verdict per PATH, one line per finding.
+
+    Exit status: 0 when every file is valid, 1 when any has an error (or a warning, with --strict)."""
+    reports = [lora_hub.validate(path, base=base, level=level, profile=profile, allow_pickle=allow_pickle,
+                                 alpha=alpha) for path in paths]
+    failed = [r for r in reports if r.errors or (strict and r.warnings)]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        return 1 if failed else 0
+    for report in reports:
+        counts = f"{_count(len(report.errors), 'error')}, {_count(len(report.warnings), 'warning')}"
+        tiers = "+".join(report.tiers) or "unread"
+        verdict = "INVALID" if report in failed else "valid"
+        click.echo(f"{report.source}: {verdict} ({report.layout or 'unknown layout'}; {tiers}; {counts})")
+        for finding in report.findings:
+            where = f" [{finding.where}]" if finding.where else ""
+            fix = "" if finding.severity is lora_hub.Severity.INFO else f" Fix: {finding.fix}"
+            click.echo(f"  {finding.severity.value} {finding.code}{where}: {finding.message}.{fix}")
+    return 1 if failed else 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+@click.command()
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep the demo's files in this folder.")
 def demo(keep: str | None) -> None:
     """Tour lora-hub offline on a tiny model built from a config: convert, inspect, export, verify."""
@@ -135,4 +173,4 @@ def demo(keep: str | None) -> None:
     click.echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
 
 
-ALL_COMMANDS = [inspect, convert, demo]
+ALL_COMMANDS = [inspect, convert, validate, demo]

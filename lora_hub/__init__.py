@@ -26,6 +26,7 @@ from .errors import BufferHoleError as BufferHoleError
 from .errors import ConfigError as ConfigError
 from .errors import ConfigMissingError as ConfigMissingError
 from .errors import ConversionError as ConversionError
+from .errors import FanInFanOutCorrectedWarning as FanInFanOutCorrectedWarning
 from .errors import FileTruncatedError as FileTruncatedError
 from .errors import FormatVersionError as FormatVersionError
 from .errors import HeaderEncodingError as HeaderEncodingError
@@ -56,25 +57,34 @@ from .errors import UnknownLayoutError as UnknownLayoutError
 from .errors import UnsafePickleError as UnsafePickleError
 from .errors import UnsupportedFeatureError as UnsupportedFeatureError
 from .errors import UnsupportedLayoutError as UnsupportedLayoutError
+from .errors import UntargetedModulesWarning as UntargetedModulesWarning
 from .errors import WeightsMissingError as WeightsMissingError
+from .findings import Finding as Finding
+from .findings import Severity as Severity
+from .findings import ValidationReport as ValidationReport
 from .format import AdapterHeader as AdapterHeader
+from .format import SafetensorsHeader as SafetensorsHeader
 from .format import TensorInfo as TensorInfo
+from .format import adapter_header as adapter_header
+from .format import is_canonical as is_canonical
 from .format import load_adapter as load_adapter
 from .format import read_header as read_header
 from .format import read_safetensors_header as read_safetensors_header
 from .format import save_adapter as save_adapter
 from .summary import AdapterSummary as AdapterSummary
 from .summary import summarize as summarize
+from .validate import validate as validate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterSummary",
-    "summarize",
+    "SafetensorsHeader",
+    "adapter_header",
     "Adapter",
     "AdapterConfig",
     "AdapterHeader",
     "AdapterNotFoundError",
+    "AdapterSummary",
     "BaseModelError",
     "BaseModelInfo",
     "BaseModelMismatchError",
@@ -84,7 +94,9 @@ __all__ = [
     "ConfigMissingError",
     "ConversionError",
     "FORMAT_VERSION",
+    "FanInFanOutCorrectedWarning",
     "FileTruncatedError",
+    "Finding",
     "FormatVersionError",
     "HeaderEncodingError",
     "HeaderJSONError",
@@ -108,6 +120,7 @@ __all__ = [
     "PeftConfigError",
     "PickleRefusedError",
     "RankMismatchError",
+    "Severity",
     "ShapeMismatchError",
     "TensorDtypeError",
     "TensorInfo",
@@ -118,6 +131,8 @@ __all__ = [
     "UnsafePickleError",
     "UnsupportedFeatureError",
     "UnsupportedLayoutError",
+    "UntargetedModulesWarning",
+    "ValidationReport",
     "WeightsMissingError",
     "__version__",
     "convert_adapter",
@@ -127,9 +142,12 @@ __all__ = [
     "fit_to_base",
     "from_loralib",
     "from_peft",
+    "is_canonical",
     "load_adapter",
     "read_header",
     "read_safetensors_header",
     "save_adapter",
+    "summarize",
     "to_peft",
+    "validate",
 ]

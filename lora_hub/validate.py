@@ -1,0 +1,347 @@
+"""Verdicts on adapter files before anything touches a model.
+
+`validate` reads a source (a lora-hub file, or any layout `convert_adapter` reads) and runs:
+
+    header  structure, limits, metadata, config, tensor index          reads the header only
+    full    tensor contents streamed in bounded chunks (NaN/Inf, untrained modules, outliers, checksum)
+    base    every module exists in the base model and fits it           config.json on the meta device
+    profile whether the file will work where it is headed               peft, vllm, lora-hub (strict v1)
+
+Every problem is a `Finding` with a stable code (lora_hub.findings, spec/CODES.md). `validate` does not raise for a
+bad file: what stops one tier is a finding, and the other tiers still run where they can.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import statistics
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import constants as C
+from .adapter import AdapterConfig
+from .basemodel import fingerprint
+from .convert.layouts import PEFT_CONFIG, Detected, FileKind, Layout, detect_layout
+from .errors import LoraHubError, LoraHubWarning
+from .findings import Finding, ValidationReport
+from .format import AdapterHeader, SafetensorsHeader, adapter_header, is_canonical, read_header
+from .jsontext import strict_loads
+
+if TYPE_CHECKING:
+    from .basemodel import BaseSource
+
+Level = Literal["header", "full"]
+Profile = Literal["peft", "vllm", "lora-hub"]
+LEVELS = ("header", "full")
+PROFILES = ("peft", "vllm", "lora-hub")
+OUTLIER_RATIO = 100.0
+"""A LoRA factor whose largest value exceeds this multiple of the median over its role (all lora_A, or all lora_B)
+is reported as MAGNITUDE_OUTLIER; adapters with fewer than 4 modules have no distribution to compare with."""
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks)."""
+_LISTED = 5
+"""Findings about more modules than this are given as one finding with a count."""
+_CONFIG_KEYS = frozenset({"modules", "modules_to_save", "base_model", "task_type", "name", "description", "license",
+                          "task", "tags", "tensors_sha256"})
+_MODULE_KEYS = frozenset({"r", "alpha", "in_features", "out_features", "rslora", "fan_in_fan_out", "enable_lora"})
+_BASE_KEYS = frozenset({"name", "revision", "model_type", "fingerprint"})
+_METADATA_KEYS = frozenset({C.METADATA_FORMAT, C.METADATA_FORMAT_VERSION, C.METADATA_CONFIG})
+
+
+def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, level: Level = "full",
+             profile: Profile | None = None, allow_pickle: bool = False, **convert_options: Any) -> ValidationReport:
+    """Checks an adapter and returns the verdict with every finding.
+
+    Args:
+        source: A lora-hub file, or a PEFT folder or file, or a loralib checkpoint.
+        base: A base model to check the adapter against (a model folder, a config.json, a Hub id already in the
+            local cache, a config or a loaded model); adds the base tier.
+        level: "header" reads only the header (its cost does not grow with the file); "full" also streams every
+            tensor's contents in bounded chunks.
+        profile: Also check that the file will work in "peft" (PeftModel), "vllm", or as strict "lora-hub" v1.
+        allow_pickle: Open pickle checkpoints (weights_only, on the CPU); without it they get PICKLE_REFUSED.
+        convert_options: For layouts that need them, such as loralib's alpha (see `convert_adapter`).
+
+    Returns:
+        The report: `ok` is true when no finding is an error.
+
+    Raises:
+        ValueError: `level` or `profile` is not one of the valid choices (a usage error; a bad file never raises).
+
+    Example:
+        >>> report = lora_hub.validate("third_party.safetensors", base="./llama", profile="vllm")
+        >>> report.ok, [f.code for f in report.findings]
+        (True, ['CHECKSUM_VERIFIED', 'VLLM_MAX_LORA_RANK'])
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)} or None, got {profile!r}")
+    report = ValidationReport(os.fspath(source), level, profile)
+    run = _Validation(report, Path(source))
+    if run.guard(lambda: run.read(allow_pickle, convert_options)):
+        if level == "full":
+            run.guard(run.full_tier)
+        if base is not None:
+            run.guard(lambda: run.base_tier(base))
+        if profile is not None:
+            run.guard(lambda: getattr(run, f"profile_{profile.replace('-', '_')}")())
+    return report
+
+
+class _Validation:
+    """The state of one validation: what was read, and the report being filled."""
+
+    def __init__(self, report: ValidationReport, source: Path) -> None:
+        self.report = report
+        self.source = source
+        self.file: str | None = None
+        self.detected: Detected | None = None
+        self.header: SafetensorsHeader | None = None
+        self.config: AdapterConfig | None = None
+        self.tensors: Mapping | None = None  # in-memory tensors, for layouts that are not safetensors
+        self.adapter_header: AdapterHeader | None = None
+
+    def add(self, code: str, message: str, *, tensor: str | None = None, module: str | None = None) -> None:
+        self.report.findings.append(Finding.of(code, message, file=self.file, tensor=tensor, module=module))
+
+    def add_each(self, code: str, modules: list[str], describe: Callable[[str], str]) -> None:
+        """One finding per module, or one with a count when there are many."""
+        if len(modules) <= _LISTED:
+            for module in modules:
+                self.add(code, describe(module), module=module)
+        elif modules:
+            self.add(code, f"{len(modules)} modules: {describe(modules[0])} (and {len(modules) - 1} more)",
+                     module=modules[0])
+
+    def guard(self, step: Callable[[], Any]) -> bool:
+        """Runs one tier; what stops it becomes a finding. Returns whether it completed."""
+        try:
+            step()
+            return True
+        except LoraHubError as e:
+            self.report.findings.append(Finding.of(e.code, e.message, file=e.path or self.file))
+        except OSError as e:
+            self.add("READ_FAILED", f"{type(e).__name__}: {e}")
+        except Exception as e:  # a bug, not a verdict on the file: say so rather than crash the caller
+            self.add("INTERNAL_ERROR", f"{type(e).__name__}: {e}")
+        return False
+
+    # --- header tier -------------------------------------------------------------------------------------------
+
+    def read(self, allow_pickle: bool, convert_options: dict[str, Any]) -> None:
+        if self.report.profile == "lora-hub" and self.source.is_file():  # strict v1: the format reader decides
+            detected = self.detected = Detected(Layout.LORA_HUB, self.source, None, FileKind.SAFETENSORS)
+        else:
+            detected = self.detected = detect_layout(self.source)
+        self.file = os.fspath(detected.weights)
+        self.report.layout = detected.description
+        self.report.tiers.append("header")
+        if detected.layout is Layout.LORA_HUB:
+            header = self.adapter_header = (adapter_header(detected.header) if detected.header is not None
+                                            else read_header(detected.weights))
+            self.header, self.config = header.safetensors, header.config
+            if self.config.tensors_sha256 is None:
+                self.add("CHECKSUM_ABSENT", "the file records no tensors_sha256")
+            ref = self.config.base_model
+            if ref is not None and ref.fingerprint is not None:
+                own = fingerprint({m: spec.delta_shape for m, spec in self.config.modules.items()})
+                if own != ref.fingerprint:
+                    self.add("FINGERPRINT_INCONSISTENT", f"stored {ref.fingerprint}, but the module entries give "
+                                                         f"{own}")
+        else:
+            from .convert import convert_adapter
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", LoraHubWarning)
+                adapter = convert_adapter(self.source, allow_pickle=allow_pickle, **convert_options)
+            for warning in caught:
+                if issubclass(warning.category, LoraHubWarning):
+                    self.add(warning.category.code, str(warning.message))
+            self.config = adapter.config
+            if detected.kind is FileKind.SAFETENSORS:
+                self.header = detected.header
+            else:
+                self.tensors = adapter.tensors
+        if self.config.base_model is None or not self.config.base_model.name:
+            self.add("BASE_UNDECLARED", "no base model is declared")
+
+    # --- full tier ---------------------------------------------------------------------------------------------
+
+    def full_tier(self) -> None:
+        from .scan import scan_file, scan_tensors
+
+        self.report.tiers.append("full")
+        config = self.config
+        expected_sha = config.tensors_sha256 if self.detected.layout is Layout.LORA_HUB else None
+        if self.header is not None:
+            result = scan_file(self.header, checksum=expected_sha is not None)
+        else:
+            result = scan_tensors(self.tensors)
+        stats = result.stats
+        for name, s in stats.items():
+            if s.nonfinite:
+                self.add("NON_FINITE", f"{s.nonfinite:,} of {s.numel:,} values are NaN or Inf", tensor=name)
+        lora = {m: config.lora_tensor_names(m) for m in config.modules}
+        zero = [m for m, names in lora.items() if any(stats[n].all_zero for n in names)]
+        if zero and len(zero) == len(lora):
+            self.add("UNTRAINED", f"lora_A or lora_B is all zero in all {len(zero)} modules")
+        else:
+            self.add_each("ZERO_UPDATE", zero, lambda m: f"'{m}' has an all-zero lora_A or lora_B")
+        dtypes = sorted({stats[n].dtype for names in lora.values() for n in names})
+        if len(dtypes) > 1:
+            self.add("DTYPE_MIX", f"LoRA factors are stored as {', '.join(dtypes)}")
+        for role, index in (("lora_A", 0), ("lora_B", 1)):
+            peaks = {m: stats[names[index]].absmax for m, names in lora.items()}
+            if len(peaks) >= 4 and (median := statistics.median(peaks.values())) > 0:
+                high = [m for m, peak in peaks.items() if peak > OUTLIER_RATIO * median]
+                self.add_each("MAGNITUDE_OUTLIER", high, lambda m, role=role, median=median, peaks=peaks: (
+                    f"{role} of '{m}' reaches {peaks[m]:.3g}, {peaks[m] / median:,.0f} times the median {median:.3g}"))
+        if expected_sha is not None:
+            if result.sha256 == expected_sha:
+                self.add("CHECKSUM_VERIFIED", f"sha256 {expected_sha}")
+            else:
+                self.add("CHECKSUM_MISMATCH", f"the tensors hash to {result.sha256}, the file records {expected_sha}")
+
+    # --- base tier ---------------------------------------------------------------------------------------------
+
+    def base_tier(self, base: BaseSource) -> None:
+        from .basemodel import describe_base
+
+        self.report.tiers.append("base")
+        config = self.config
+        info = describe_base(base, task_type=config.task_type)
+        present = [m for m in config.modules if m in info.layers]
+        missing = [m for m in config.modules if m not in info.layers]
+        if not present:
+            self.add("NO_MODULE_MATCHES", f"none of the {len(missing)} modules is a linear layer of the base model "
+                                          f"(first: '{missing[0]}'){_prefix_hint(missing, info.layers)}")
+        else:
+            self.add_each("MODULE_NOT_IN_BASE", missing, lambda m: f"'{m}' is not a linear layer of the base model")
+        fits = []
+        for m in present:
+            spec, layer = config.modules[m], info.layers[m]
+            if (spec.in_features, spec.out_features) != (layer.in_features, layer.out_features):
+                self.add("FEATURES_MISMATCH", f"the adapter has in={spec.in_features}, out={spec.out_features}; the "
+                                              f"base layer has in={layer.in_features}, out={layer.out_features}",
+                         module=m)
+            else:
+                fits.append(m)
+            if spec.enable_lora is not None and layer.out_features % len(spec.enable_lora):
+                self.add("ENABLE_LORA_MISMATCH", f"{len(spec.enable_lora)} slices do not divide "
+                                                 f"{layer.out_features} output features", module=m)
+        flipped = [m for m in present if config.modules[m].fan_in_fan_out != info.layers[m].fan_in_fan_out]
+        code = "FAN_IN_FAN_OUT_MISMATCH" if self.detected.layout is Layout.LORA_HUB else "FAN_IN_FAN_OUT_IN_CONFIG"
+        self.add_each(code, flipped, lambda m: (
+            f"fan_in_fan_out is {str(config.modules[m].fan_in_fan_out).lower()} but '{m}' is "
+            f"{'a Conv1D' if info.layers[m].fan_in_fan_out else 'an nn.Linear'}"))
+        self._check_replacements(info)
+        self._check_declared_base(info, fits if len(fits) == len(config.modules) else None)
+        if any(info.layers[m].quantization for m in present):
+            kinds = sorted({info.layers[m].quantization for m in present if info.layers[m].quantization})
+            self.add("QUANTIZED_BASE", f"targeted layers are {', '.join(kinds)}")
+
+    def _check_replacements(self, info) -> None:
+        config = self.config
+        for module in config.modules_to_save:
+            if module not in info.modules:
+                self.add("REPLACEMENT_NOT_IN_BASE", f"module to save '{module}' is not in the base model",
+                         module=module)
+        shapes = self._tensor_shapes()
+        for name in shapes:
+            owner = config.replacement_owner(name)
+            if owner is None or owner not in info.modules:
+                continue
+            path = name[len(C.TENSOR_PREFIX):]
+            if path not in info.parameters:
+                self.add("REPLACEMENT_NOT_IN_BASE", f"the base model has no parameter '{path}'", tensor=name)
+            elif tuple(info.parameters[path]) != tuple(shapes[name]):
+                self.add("REPLACEMENT_SHAPE_MISMATCH", f"shape {list(shapes[name])}, but the base parameter is "
+                                                       f"{list(info.parameters[path])}", tensor=name)
+
+    def _check_declared_base(self, info, fitting: list[str] | None) -> None:
+        ref = self.config.base_model
+        if ref is None:
+            return
+        if ref.name and info.name and _short_name(ref.name) != _short_name(info.name):
+            self.add("BASE_NAME_DIFFERS", f"the adapter declares '{ref.name}', the base given is '{info.name}'")
+        if ref.model_type and info.model_type and ref.model_type != info.model_type:
+            self.add("BASE_TYPE_DIFFERS", f"the adapter declares model_type '{ref.model_type}', the base is "
+                                          f"'{info.model_type}'")
+        if ref.fingerprint and fitting is not None:
+            theirs = info.fingerprint(fitting)
+            if theirs != ref.fingerprint:
+                self.add("FINGERPRINT_MISMATCH", f"stored {ref.fingerprint}, the base gives {theirs}")
+
+    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.header is not None:
+            return {n: i.shape for n, i in self.header.tensors.items()}
+        return {n: tuple(t.shape) for n, t in self.tensors.items()}
+
+    # --- profiles ----------------------------------------------------------------------------------------------
+
+    def profile_peft(self) -> None:
+        merged = [m for m, s in self.config.modules.items() if s.enable_lora is not None]
+        self.add_each("PEFT_ENABLE_LORA", merged, lambda m: f"'{m}' uses enable_lora")
+        if self.detected.layout is Layout.LORA_HUB and not (self.detected.weights.parent / PEFT_CONFIG).is_file():
+            self.add("PEFT_CONFIG_ABSENT", f"no {PEFT_CONFIG} beside the file")
+
+    def profile_vllm(self) -> None:
+        config = self.config
+        if config.modules_to_save:
+            self.add("VLLM_MODULES_TO_SAVE", f"modules_to_save: {', '.join(config.modules_to_save)}",
+                     module=config.modules_to_save[0])
+        merged = [m for m, s in config.modules.items() if s.enable_lora is not None]
+        self.add_each("VLLM_ENABLE_LORA", merged, lambda m: f"'{m}' uses enable_lora")
+        rank = max(s.r * s.groups for s in config.modules.values())
+        if rank > VLLM_MAX_LORA_RANKS[-1]:
+            self.add("VLLM_RANK", f"the largest rank is {rank}")
+        else:
+            needed = VLLM_MAX_LORA_RANKS[bisect.bisect_left(VLLM_MAX_LORA_RANKS, rank)]
+            self.add("VLLM_MAX_LORA_RANK", f"the largest rank is {rank}: serve with --max-lora-rank {needed} or more")
+
+    def profile_lora_hub(self) -> None:
+        if self.detected.layout is not Layout.LORA_HUB:
+            self.add("NOT_LORA_HUB", f"a {self.detected.layout.value} adapter, not a lora-hub file")
+            return
+        config, metadata = self.config, self.header.metadata
+        if not is_canonical(self.adapter_header):
+            self.add("LORA_HUB_NOT_CANONICAL", "the bytes differ from what the canonical writer produces")
+        unknown = sorted(k for k in metadata if k not in _METADATA_KEYS and k.startswith("lora_hub."))
+        document = strict_loads(metadata[C.METADATA_CONFIG])
+        unknown += sorted(f"config.{k}" for k in document if k not in _CONFIG_KEYS)
+        unknown += sorted(f"config.base_model.{k}" for k in (document.get("base_model") or {}) if k not in _BASE_KEYS)
+        unknown += sorted({f"modules.*.{k}" for entry in document["modules"].values() for k in entry
+                           if k not in _MODULE_KEYS})
+        if unknown:
+            self.add("LORA_HUB_UNKNOWN_KEY", f"keys not in format v1: {', '.join(unknown[:8])}")
+        if config.tensors_sha256 is None:
+            self.add("LORA_HUB_CHECKSUM_ABSENT", "no tensors_sha256")
+        if config.base_model is None or not config.base_model.name or not config.base_model.fingerprint:
+            self.add("LORA_HUB_BASE_UNDECLARED", "base_model.name and base_model.fingerprint are both required")
+
+
+def _short_name(name: str) -> str:
+    """'meta-llama/Llama-3.2-1B', '/models/Llama-3.2-1B/' and 'Llama-3.2-1B' compare equal."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def _prefix_hint(modules: list[str], layers: Mapping[str, Any]) -> str:
+    """A suggestion when the module paths are right but for a prefix (PEFT keys saved from another wrapper)."""
+    first = modules[0]
+    for layer in layers:
+        if layer.endswith("." + first):
+            prefix = layer[: -len(first)]
+            hits = sum(prefix + m in layers for m in modules)
+            return f"; adding the prefix '{prefix}' would match {hits} of {len(modules)} modules"
+    parts = first.split(".")
+    for cut in range(1, len(parts)):
+        if ".".join(parts[cut:]) in layers:
+            prefix = ".".join(parts[:cut]) + "."
+            hits = sum(m.startswith(prefix) and m[len(prefix):] in layers for m in modules)
+            return f"; removing the prefix '{prefix}' would match {hits} of {len(modules)} modules"
+    example = next(iter(layers), None)
+    return f"; the base has layers such as '{example}'" if example else ""
