@@ -147,3 +147,42 @@ def test_console_script_is_installed() -> None:
     assert executable, "the lora-hub console script is not on PATH"
     result = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"lora-hub, version {lora_hub.__version__}"
+
+
+def test_validate_gives_one_verdict_per_path_and_exit_codes(run, tmp_path: Path) -> None:
+    vectors = Path(__file__).parents[1] / "spec" / "vectors"
+    good, bad = vectors / "valid/plain_f32.safetensors", vectors / "invalid/overlapping_tensors.safetensors"
+    result = run("validate", good)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{good}: valid (lora-hub (plain_f32.safetensors, safetensors); header+full; "
+                                    "0 errors, 0 warnings)")
+    assert "  info CHECKSUM_VERIFIED: sha256 " in result.output
+    both = run("validate", good, bad, tmp_path / "missing")
+    assert both.exit_code == 1
+    lines = both.output.splitlines()
+    assert sum(line.startswith(("/", str(tmp_path))) for line in lines) == 3
+    assert f"{bad}: INVALID" in both.output and "  error OFFSET_OVERLAP: tensors t and u overlap" in both.output
+    assert "  error NOT_FOUND" in both.output
+
+
+def test_validate_strict_fails_on_warnings_and_json_lists_reports(run, tmp_path: Path, peft_dir: Path) -> None:
+    path = lora_hub.save_adapter(random_adapter(2, with_head=False), tmp_path / "a.safetensors")
+    assert run("validate", path, "--profile", "peft").exit_code == 1  # enable_lora: an error for PeftModel
+    header_only = run("validate", path, "--level", "header")
+    assert header_only.exit_code == 0 and "header;" in header_only.output
+    edited = tmp_path / "edited"
+    shutil.copytree(peft_dir, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["nothing"]}))
+    warned = run("validate", edited)
+    assert warned.exit_code == 0 and "warning UNTARGETED_MODULES" in warned.output
+    assert run("validate", edited, "--strict").exit_code == 1
+    data = json.loads(run("validate", edited, path, "--json").output)
+    assert [r["ok"] for r in data] == [True, True]
+    assert [f["code"] for f in data[0]["findings"]][0] == "UNTARGETED_MODULES"
+
+
+@pytest.mark.parametrize("args", [("validate",), ("validate", "x", "--level", "deep"),
+                                  ("validate", "x", "--profile", "tgi")])
+def test_validate_usage_errors_exit_2(run, args) -> None:
+    assert run(*args).exit_code == 2

@@ -1,0 +1,20 @@
+"""The benchmark harness runs (`python -m benchmarks --quick`); it asserts nothing about speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_quick_benchmarks_run_and_write_json(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=REPO,
+                            capture_output=True, text=True, check=True, timeout=300)
+    assert "lora-hub benchmarks" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["machine"]["cores"] and data["results"]
+    assert {row["suite"] for row in data["results"]} == {"validate"}
+    assert all(row["ours"] > 0 for row in data["results"] if "memory" not in row["name"])
