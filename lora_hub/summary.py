@@ -64,11 +64,11 @@ def summarize(source: str | os.PathLike[str], *, allow_pickle: bool = False, **o
     Raises:
         The errors of `read_header` and `convert_adapter`.
     """
-    from .format import read_header
+    from .format import adapter_header
 
     detected = detect_layout(source)
     if detected.layout is Layout.LORA_HUB:
-        header = read_header(detected.weights)
+        header = adapter_header(detected.header)
         index = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
         return _summary(detected.weights, "lora-hub", header.format_version, header.config, index,
                         header.safetensors.file_size)
