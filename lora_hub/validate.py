@@ -18,6 +18,7 @@ import os
 import statistics
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +32,7 @@ from .format import AdapterHeader, SafetensorsHeader, adapter_header, is_canonic
 from .jsontext import strict_loads
 
 if TYPE_CHECKING:
-    from .basemodel import BaseSource
+    from .basemodel import BaseModelInfo, BaseSource
 
 Level = Literal["header", "full"]
 Profile = Literal["peft", "vllm", "lora-hub"]
@@ -92,30 +93,112 @@ def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, 
     return report
 
 
-class _Validation:
-    """The state of one validation: what was read, and the report being filled."""
+class _Findings:
+    """Collects findings: one per problem, or one with a count when many modules have the same problem."""
 
-    def __init__(self, report: ValidationReport, source: Path) -> None:
-        self.report = report
-        self.source = source
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
         self.file: str | None = None
-        self.detected: Detected | None = None
-        self.header: SafetensorsHeader | None = None
-        self.config: AdapterConfig | None = None
-        self.tensors: Mapping | None = None  # in-memory tensors, for layouts that are not safetensors
-        self.adapter_header: AdapterHeader | None = None
 
     def add(self, code: str, message: str, *, tensor: str | None = None, module: str | None = None) -> None:
-        self.report.findings.append(Finding.of(code, message, file=self.file, tensor=tensor, module=module))
+        self.findings.append(Finding.of(code, message, file=self.file, tensor=tensor, module=module))
 
     def add_each(self, code: str, modules: list[str], describe: Callable[[str], str]) -> None:
-        """One finding per module, or one with a count when there are many."""
         if len(modules) <= _LISTED:
             for module in modules:
                 self.add(code, describe(module), module=module)
         elif modules:
             self.add(code, f"{len(modules)} modules: {describe(modules[0])} (and {len(modules) - 1} more)",
                      module=modules[0])
+
+
+def check_base(config: AdapterConfig, info: BaseModelInfo, tensor_shapes: Mapping[str, tuple[int, ...]], *,
+               from_lora_hub: bool = True) -> list[Finding]:
+    """The base tier: does an adapter (its config and tensor shapes) fit a base model? Used by `validate` and by
+    the runtime before it loads anything.
+
+    Args:
+        from_lora_hub: The config comes from a lora-hub file (a wrong fan_in_fan_out is then an error in the file;
+            for other layouts it is a config quirk that PEFT corrects, a warning).
+    """
+    out = _Findings([])
+    present = [m for m in config.modules if m in info.layers]
+    missing = [m for m in config.modules if m not in info.layers]
+    if not present:
+        out.add("NO_MODULE_MATCHES", f"none of the {len(missing)} modules is a linear layer of the base model "
+                                     f"(first: '{missing[0]}'){_prefix_hint(missing, info.layers)}")
+    else:
+        out.add_each("MODULE_NOT_IN_BASE", missing, lambda m: f"'{m}' is not a linear layer of the base model")
+    fits = []
+    for m in present:
+        spec, layer = config.modules[m], info.layers[m]
+        if (spec.in_features, spec.out_features) != (layer.in_features, layer.out_features):
+            out.add("FEATURES_MISMATCH", f"the adapter has in={spec.in_features}, out={spec.out_features}; the base "
+                                         f"layer has in={layer.in_features}, out={layer.out_features}", module=m)
+        else:
+            fits.append(m)
+        if spec.enable_lora is not None and layer.out_features % len(spec.enable_lora):
+            out.add("ENABLE_LORA_MISMATCH", f"{len(spec.enable_lora)} slices do not divide {layer.out_features} "
+                                            "output features", module=m)
+    flipped = [m for m in present if config.modules[m].fan_in_fan_out != info.layers[m].fan_in_fan_out]
+    out.add_each("FAN_IN_FAN_OUT_MISMATCH" if from_lora_hub else "FAN_IN_FAN_OUT_IN_CONFIG", flipped, lambda m: (
+        f"fan_in_fan_out is {str(config.modules[m].fan_in_fan_out).lower()} but '{m}' is "
+        f"{'a Conv1D' if info.layers[m].fan_in_fan_out else 'an nn.Linear'}"))
+    _check_replacements(out, config, info, tensor_shapes)
+    _check_declared_base(out, config, info, fits if len(fits) == len(config.modules) else None)
+    kinds = sorted({info.layers[m].quantization for m in present if info.layers[m].quantization})
+    if kinds:
+        out.add("QUANTIZED_BASE", f"targeted layers are {', '.join(kinds)}")
+    return out.findings
+
+
+def _check_replacements(out: _Findings, config: AdapterConfig, info: BaseModelInfo,
+                        shapes: Mapping[str, tuple[int, ...]]) -> None:
+    if not config.modules_to_save:
+        return  # no tensor can be a replacement
+    for module in config.modules_to_save:
+        if module not in info.modules:
+            out.add("REPLACEMENT_NOT_IN_BASE", f"module to save '{module}' is not in the base model", module=module)
+    for name in shapes:
+        owner = config.replacement_owner(name)
+        if owner is None or owner not in info.modules:
+            continue
+        path = name[len(C.TENSOR_PREFIX):]
+        if path not in info.parameters:
+            out.add("REPLACEMENT_NOT_IN_BASE", f"the base model has no parameter '{path}'", tensor=name)
+        elif tuple(info.parameters[path]) != tuple(shapes[name]):
+            out.add("REPLACEMENT_SHAPE_MISMATCH", f"shape {list(shapes[name])}, but the base parameter is "
+                                                  f"{list(info.parameters[path])}", tensor=name)
+
+
+def _check_declared_base(out: _Findings, config: AdapterConfig, info: BaseModelInfo,
+                         fitting: list[str] | None) -> None:
+    ref = config.base_model
+    if ref is None:
+        return
+    if ref.name and info.name and _short_name(ref.name) != _short_name(info.name):
+        out.add("BASE_NAME_DIFFERS", f"the adapter declares '{ref.name}', the base given is '{info.name}'")
+    if ref.model_type and info.model_type and ref.model_type != info.model_type:
+        out.add("BASE_TYPE_DIFFERS", f"the adapter declares model_type '{ref.model_type}', the base is "
+                                     f"'{info.model_type}'")
+    if ref.fingerprint and fitting is not None:
+        theirs = info.fingerprint(fitting)
+        if theirs != ref.fingerprint:
+            out.add("FINGERPRINT_MISMATCH", f"stored {ref.fingerprint}, the base gives {theirs}")
+
+
+class _Validation(_Findings):
+    """The state of one validation: what was read, and the report being filled."""
+
+    def __init__(self, report: ValidationReport, source: Path) -> None:
+        super().__init__(report.findings)
+        self.report = report
+        self.source = source
+        self.detected: Detected | None = None
+        self.header: SafetensorsHeader | None = None
+        self.config: AdapterConfig | None = None
+        self.tensors: Mapping | None = None  # in-memory tensors, for layouts that are not safetensors
+        self.adapter_header: AdapterHeader | None = None
 
     def guard(self, step: Callable[[], Any]) -> bool:
         """Runs one tier; what stops it becomes a finding. Returns whether it completed."""
@@ -212,69 +295,10 @@ class _Validation:
         from .basemodel import describe_base
 
         self.report.tiers.append("base")
-        config = self.config
-        info = describe_base(base, task_type=config.task_type)
-        present = [m for m in config.modules if m in info.layers]
-        missing = [m for m in config.modules if m not in info.layers]
-        if not present:
-            self.add("NO_MODULE_MATCHES", f"none of the {len(missing)} modules is a linear layer of the base model "
-                                          f"(first: '{missing[0]}'){_prefix_hint(missing, info.layers)}")
-        else:
-            self.add_each("MODULE_NOT_IN_BASE", missing, lambda m: f"'{m}' is not a linear layer of the base model")
-        fits = []
-        for m in present:
-            spec, layer = config.modules[m], info.layers[m]
-            if (spec.in_features, spec.out_features) != (layer.in_features, layer.out_features):
-                self.add("FEATURES_MISMATCH", f"the adapter has in={spec.in_features}, out={spec.out_features}; the "
-                                              f"base layer has in={layer.in_features}, out={layer.out_features}",
-                         module=m)
-            else:
-                fits.append(m)
-            if spec.enable_lora is not None and layer.out_features % len(spec.enable_lora):
-                self.add("ENABLE_LORA_MISMATCH", f"{len(spec.enable_lora)} slices do not divide "
-                                                 f"{layer.out_features} output features", module=m)
-        flipped = [m for m in present if config.modules[m].fan_in_fan_out != info.layers[m].fan_in_fan_out]
-        code = "FAN_IN_FAN_OUT_MISMATCH" if self.detected.layout is Layout.LORA_HUB else "FAN_IN_FAN_OUT_IN_CONFIG"
-        self.add_each(code, flipped, lambda m: (
-            f"fan_in_fan_out is {str(config.modules[m].fan_in_fan_out).lower()} but '{m}' is "
-            f"{'a Conv1D' if info.layers[m].fan_in_fan_out else 'an nn.Linear'}"))
-        self._check_replacements(info)
-        self._check_declared_base(info, fits if len(fits) == len(config.modules) else None)
-        if any(info.layers[m].quantization for m in present):
-            kinds = sorted({info.layers[m].quantization for m in present if info.layers[m].quantization})
-            self.add("QUANTIZED_BASE", f"targeted layers are {', '.join(kinds)}")
-
-    def _check_replacements(self, info) -> None:
-        config = self.config
-        for module in config.modules_to_save:
-            if module not in info.modules:
-                self.add("REPLACEMENT_NOT_IN_BASE", f"module to save '{module}' is not in the base model",
-                         module=module)
-        shapes = self._tensor_shapes()
-        for name in shapes:
-            owner = config.replacement_owner(name)
-            if owner is None or owner not in info.modules:
-                continue
-            path = name[len(C.TENSOR_PREFIX):]
-            if path not in info.parameters:
-                self.add("REPLACEMENT_NOT_IN_BASE", f"the base model has no parameter '{path}'", tensor=name)
-            elif tuple(info.parameters[path]) != tuple(shapes[name]):
-                self.add("REPLACEMENT_SHAPE_MISMATCH", f"shape {list(shapes[name])}, but the base parameter is "
-                                                       f"{list(info.parameters[path])}", tensor=name)
-
-    def _check_declared_base(self, info, fitting: list[str] | None) -> None:
-        ref = self.config.base_model
-        if ref is None:
-            return
-        if ref.name and info.name and _short_name(ref.name) != _short_name(info.name):
-            self.add("BASE_NAME_DIFFERS", f"the adapter declares '{ref.name}', the base given is '{info.name}'")
-        if ref.model_type and info.model_type and ref.model_type != info.model_type:
-            self.add("BASE_TYPE_DIFFERS", f"the adapter declares model_type '{ref.model_type}', the base is "
-                                          f"'{info.model_type}'")
-        if ref.fingerprint and fitting is not None:
-            theirs = info.fingerprint(fitting)
-            if theirs != ref.fingerprint:
-                self.add("FINGERPRINT_MISMATCH", f"stored {ref.fingerprint}, the base gives {theirs}")
+        info = describe_base(base, task_type=self.config.task_type)
+        for finding in check_base(self.config, info, self._tensor_shapes(),
+                                  from_lora_hub=self.detected.layout is Layout.LORA_HUB):
+            self.report.findings.append(replace(finding, file=self.file))
 
     def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.header is not None:
