@@ -1,7 +1,10 @@
 """lora-hub: one file format for LoRA adapters, readers for the layouts people have, and the tools around them.
 
-Importing lora_hub does not import torch; functions that work on tensors import it when they run.
+Importing lora_hub does not import torch; functions that work on tensors import it when they run. The run-time
+names (`attach`, `AdapterRuntime`), whose module needs torch, are resolved on first use (PEP 562).
 """
+
+from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter as Adapter
 from .adapter import AdapterConfig as AdapterConfig
@@ -19,6 +22,7 @@ from .convert import detect_layout as detect_layout
 from .convert import from_loralib as from_loralib
 from .convert import from_peft as from_peft
 from .convert import to_peft as to_peft
+from .errors import AdapterMismatchError as AdapterMismatchError
 from .errors import AdapterNotFoundError as AdapterNotFoundError
 from .errors import BaseModelError as BaseModelError
 from .errors import BaseModelMismatchError as BaseModelMismatchError
@@ -48,6 +52,7 @@ from .errors import ParameterRequiredError as ParameterRequiredError
 from .errors import PeftConfigError as PeftConfigError
 from .errors import PickleRefusedError as PickleRefusedError
 from .errors import RankMismatchError as RankMismatchError
+from .errors import RuntimeStateError as RuntimeStateError
 from .errors import ShapeMismatchError as ShapeMismatchError
 from .errors import TensorDtypeError as TensorDtypeError
 from .errors import TensorSizeError as TensorSizeError
@@ -77,13 +82,27 @@ from .validate import validate as validate
 
 __version__ = "0.1.0"
 
+_RUNTIME = ("AdapterRuntime", "attach")
+
+if TYPE_CHECKING:
+    from .runtime import AdapterRuntime as AdapterRuntime
+    from .runtime import attach as attach
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNTIME:
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'lora_hub' has no attribute '{name}'")
+
 __all__ = [
-    "SafetensorsHeader",
-    "adapter_header",
     "Adapter",
     "AdapterConfig",
     "AdapterHeader",
+    "AdapterMismatchError",
     "AdapterNotFoundError",
+    "AdapterRuntime",
     "AdapterSummary",
     "BaseModelError",
     "BaseModelInfo",
@@ -120,6 +139,8 @@ __all__ = [
     "PeftConfigError",
     "PickleRefusedError",
     "RankMismatchError",
+    "RuntimeStateError",
+    "SafetensorsHeader",
     "Severity",
     "ShapeMismatchError",
     "TensorDtypeError",
@@ -135,6 +156,8 @@ __all__ = [
     "ValidationReport",
     "WeightsMissingError",
     "__version__",
+    "adapter_header",
+    "attach",
     "convert_adapter",
     "delta_weight",
     "describe_base",

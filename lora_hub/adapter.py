@@ -404,6 +404,11 @@ class Adapter:
         """A copy with some config fields replaced (descriptive fields such as name, task, tags, license)."""
         return Adapter(replace(self.config, **changes), self.tensors, source=self.source, _checked=True)
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape by name, without materialising memory-mapped tensors."""
+        shapes = getattr(self.tensors, "shapes", None)
+        return dict(shapes) if shapes is not None else {n: tuple(t.shape) for n, t in self.tensors.items()}
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

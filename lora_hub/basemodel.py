@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 LayerKind = Literal["linear", "conv1d"]
 
 # PEFT task types -> the transformers auto class whose module names PEFT adapters of that task use.
-_TASK_AUTO_CLASSES = {
+TASK_AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
@@ -184,8 +184,8 @@ def _meta_model(config: PretrainedConfig, task_type: str | None) -> nn.Module:
     import transformers
 
     candidates = []
-    if task_type in _TASK_AUTO_CLASSES:
-        candidates.append(getattr(transformers, _TASK_AUTO_CLASSES[task_type]))
+    if task_type in TASK_AUTO_CLASSES:
+        candidates.append(getattr(transformers, TASK_AUTO_CLASSES[task_type]))
     candidates += [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
     candidates += [transformers.AutoModelForCausalLM, transformers.AutoModel]
     errors = []

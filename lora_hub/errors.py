@@ -268,6 +268,30 @@ class BaseModelMismatchError(LoraHubError, ValueError):
     code = "BASE_MISMATCH"
 
 
+# --- Run time --------------------------------------------------------------------------------------------------------
+
+
+class AdapterMismatchError(BaseModelMismatchError):
+    """An adapter does not fit the live model it is being loaded into; the model was left unchanged.
+
+    Args:
+        findings: The base-tier findings that stopped the load.
+    """
+
+    code = "BASE_MISMATCH"
+
+    def __init__(self, message: str, *, findings: list | None = None, path: str | os.PathLike[str] | None = None):
+        self.findings = findings or []
+        super().__init__(message, path=path)
+
+
+class RuntimeStateError(LoraHubError, RuntimeError):
+    """An operation that the runtime's state does not allow: an unknown adapter name, switching while merged, a
+    runtime already detached."""
+
+    code = "RUNTIME_STATE"
+
+
 class LoraHubWarning(UserWarning):
     """Something was corrected or ignored on the way, and the user should know (never a silent change)."""
 

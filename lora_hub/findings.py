@@ -92,6 +92,8 @@ CATALOGUE: dict[str, Code] = {
                                       "not in the local cache).",
                                    "Give a model folder, a config.json, or a Hub id already downloaded."),
     "BASE_MISMATCH": Code(ERR, "The adapter does not fit the base model.", "Use the adapter's own base model."),
+    "RUNTIME_STATE": Code(ERR, "The runtime's state does not allow the operation (an unknown adapter, switching "
+                                  "while merged, a detached runtime).", "See the message; unmerge() before use()."),
     "INTERNAL_ERROR": Code(ERR, "lora-hub failed unexpectedly while checking this file.",
                            "Report it with the file if you can; the file was not accepted."),
     # Conversion notes

@@ -73,6 +73,11 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
     def __contains__(self, name: object) -> bool:
         return name in self._infos
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the header."""
+        return {name: info.shape for name, info in self._infos.items()}
+
     def _materialise(self, info: TensorInfo) -> torch.Tensor:
         import torch
 

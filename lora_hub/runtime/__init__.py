@@ -1,0 +1,9 @@
+"""Adapters on live models: `attach` a runtime, then load, switch, stack, route, merge and unmerge (runtime.py);
+the LoRA path around each base layer (layers.py); exact merges and restores per weight kind (weights.py)."""
+
+from .layers import LoraLayer as LoraLayer
+from .runtime import AdapterRuntime as AdapterRuntime
+from .runtime import ReplacedModule as ReplacedModule
+from .runtime import attach as attach
+
+__all__ = ["AdapterRuntime", "LoraLayer", "ReplacedModule", "attach"]

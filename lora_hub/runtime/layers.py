@@ -1,0 +1,241 @@
+"""The LoRA path around one base layer, and the selection that all such paths share.
+
+A `LoraLayer` wraps a base layer (nn.Linear, transformers' Conv1D, bitsandbytes Linear8bitLt or Linear4bit) without
+changing it. Every adapter resident on the model has a slot in each layer's fixed buffers:
+
+    lora_A   (slots, rank, in)    zero-padded to the largest rank loaded on this layer
+    lora_B   (slots, out, rank)   enable_lora modules stored in their block-diagonal plain form
+    scaling  (slots,)             alpha / r, or alpha / sqrt(r)
+
+The `Selection`, one object shared by every layer, says which slots to apply: none, some with weights (lanes,
+stacked adapters) or one per batch row (rows, mixed batches). Switching writes the selection's small index and
+weight tensors in place: no module is rebuilt, no buffer is reallocated, and the tensors a compiled graph or a CUDA
+graph captured stay the same ones.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Mode(enum.Enum):
+    OFF = "off"
+    LANES = "lanes"
+    ROWS = "rows"
+
+
+class Selection:
+    """Which slots the LoRA paths apply, with what weight; one instance is shared by all layers of a runtime.
+
+    Its index and weight tensors exist once per device that has a layer, created or refreshed when the selection
+    changes, never during a forward pass: a compiled graph sees the same tensors, with new contents, after a switch
+    (only a change in the number of stacked adapters or rows changes their shape).
+    """
+
+    def __init__(self) -> None:
+        self.mode = Mode.OFF
+        self._devices: set[torch.device] = set()
+        self._lanes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lane_slots: list[int] = []
+        self.row_slots: list[int] = []
+        self.row_weights: list[float] = []
+
+    def register(self, device: torch.device) -> None:
+        """Adds a device that layers live on (called when a layer is wrapped)."""
+        if device not in self._devices:
+            self._devices.add(device)
+            _store(self._lanes, {device}, self.lane_slots, [1.0] * len(self.lane_slots))
+            _store(self._rows, {device}, self.row_slots, self.row_weights)
+
+    def set_lanes(self, slots: Sequence[int], weights: Sequence[float]) -> None:
+        self.lane_slots = list(slots)
+        _store(self._lanes, self._devices, self.lane_slots, list(weights))
+        self.mode = Mode.LANES if slots else Mode.OFF
+
+    def set_rows(self, slots: Sequence[int], weights: Sequence[float]) -> None:
+        self.row_slots, self.row_weights = list(slots), list(weights)
+        _store(self._rows, self._devices, self.row_slots, self.row_weights)
+        self.mode = Mode.ROWS
+
+    def lanes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lanes[device]
+
+    def rows(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rows[device]
+
+
+def _store(cache: dict, devices: set[torch.device], slots: list[int], weights: list[float]) -> None:
+    """Writes slots and weights into each device's tensors: in place when the length is unchanged."""
+    index_values = torch.tensor(slots, dtype=torch.long)
+    weight_values = torch.tensor(weights, dtype=torch.float32)
+    for device in devices:
+        index, weight = cache.get(device, (None, None))
+        if index is not None and index.numel() == len(slots):
+            index.copy_(index_values)
+            weight.copy_(weight_values)
+        else:
+            cache[device] = (index_values.to(device), weight_values.to(device))
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """'linear', 'conv1d', 'int8' or '4bit' for layers a LoRA path can wrap, else None. bitsandbytes is recognised
+    by class, without importing it."""
+    from transformers.pytorch_utils import Conv1D
+
+    cls = type(layer)
+    if cls.__module__.startswith("bitsandbytes"):
+        return {"Linear8bitLt": "int8", "Linear4bit": "4bit"}.get(cls.__name__)
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, Conv1D):
+        return "conv1d"
+    return None
+
+
+def compute_dtype(layer: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype the LoRA path computes in: the base weight's when it is a float, else the dtype the quantized layer
+    computes in (its compute_dtype or bias), else `default` (the model's)."""
+    weight = layer.weight
+    if weight.is_floating_point() and weight.element_size() > 1:
+        return weight.dtype
+    for candidate in (getattr(layer, "compute_dtype", None), getattr(getattr(layer, "bias", None), "dtype", None)):
+        if isinstance(candidate, torch.dtype) and candidate.is_floating_point:
+            return candidate
+    return default
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus the LoRA paths of every resident adapter. The base layer is never modified by the path;
+    only merging (see runtime.weights) changes its weight, reversibly."""
+
+    def __init__(self, base_layer: nn.Module, selection: Selection, *, kind: str, dtype: torch.dtype,
+                 slots: int = 0, rank: int = 0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.selection = selection
+        self.kind = kind
+        if kind == "conv1d":
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+        selection.register(device)
+        self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, rank, device=device, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("scaling", torch.zeros(slots, device=device, dtype=torch.float32), persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    def reserve(self, slots: int, rank: int) -> None:
+        """Resizes the buffers to `slots` x `rank`, keeping what fits. Loading calls it; switching never does."""
+        old_slots, old_rank = self.lora_A.shape[:2]
+        if (slots, rank) == (old_slots, old_rank):
+            return
+        keep_slots, keep_rank = min(slots, old_slots), min(rank, old_rank)
+        a = self.lora_A.new_zeros(slots, rank, self.in_features)
+        b = self.lora_B.new_zeros(slots, self.out_features, rank)
+        s = self.scaling.new_zeros(slots)
+        a[:keep_slots, :keep_rank] = self.lora_A[:keep_slots, :keep_rank]
+        b[:keep_slots, :, :keep_rank] = self.lora_B[:keep_slots, :, :keep_rank]
+        s[:keep_slots] = self.scaling[:keep_slots]
+        self.lora_A, self.lora_B, self.scaling = a, b, s
+
+    def write(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+              enable_lora: tuple[bool, ...] | None) -> None:
+        """Copies one adapter's factors into `slot`, converting to this layer's device and dtype on the way (from
+        the memory-mapped file straight into the buffer)."""
+        rank, padded = lora_A.shape[0], self.lora_A.shape[1]
+        a, b = self.lora_A[slot], self.lora_B[slot]
+        if enable_lora is None and rank == padded:
+            a.copy_(lora_A)
+            b.copy_(lora_B)
+        elif enable_lora is None:  # zero the padding only: a slot is overwritten, never cleared first
+            a[:rank].copy_(lora_A)
+            a[rank:].zero_()
+            b[:, :rank].copy_(lora_B)
+            b[:, rank:].zero_()
+        else:  # block-diagonal plain form: slice s of the output reads columns g*r..(g+1)*r
+            a[:rank].copy_(lora_A)
+            a[rank:].zero_()
+            b.zero_()
+            groups = sum(enable_lora)
+            r, n = rank // groups, self.out_features // len(enable_lora)
+            for g, s in enumerate(i for i, flag in enumerate(enable_lora) if flag):
+                self.lora_B[slot, s * n:(s + 1) * n, g * r:(g + 1) * r].copy_(lora_B[g * n:(g + 1) * n])
+        self.scaling[slot] = scaling
+
+    def clear(self, slot: int) -> None:
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scaling[slot] = 0.0
+
+    def delta_weight(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+        """sum_k weights[k] * scaling * B_k @ A_k in float32, shaped like the base weight ((in, out) for Conv1D)."""
+        delta = None
+        for slot, weight in zip(slots, weights, strict=True):
+            term = (self.lora_B[slot].float() @ self.lora_A[slot].float()) * (float(self.scaling[slot]) * weight)
+            delta = term if delta is None else delta + term
+        return delta.T if self.kind == "conv1d" else delta
+
+    def add_delta_(self, weight: torch.Tensor, slots: Sequence[int], weights: Sequence[float]) -> None:
+        """Adds the weighted deltas to `weight` (the base weight as stored) in place: one addmm_ per adapter for
+        float32, else a float32 delta added and rounded once."""
+        if weight.dtype != torch.float32:
+            weight.copy_((weight.float() + self.delta_weight(slots, weights)).to(weight.dtype))
+            return
+        for slot, w in zip(slots, weights, strict=True):
+            a, b = self.lora_A[slot].float(), self.lora_B[slot].float()
+            alpha = float(self.scaling[slot]) * w
+            if self.kind == "conv1d":
+                weight.addmm_(a.T, b.T, alpha=alpha)
+            else:
+                weight.addmm_(b, a, alpha=alpha)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        selection = self.selection
+        if selection.mode is Mode.OFF or self.lora_A.shape[0] == 0:
+            return result
+        h = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        device = self.lora_A.device
+        if selection.mode is Mode.LANES:
+            delta = self._lanes(h, *selection.lanes(device))
+        else:
+            delta = self._rows(h, *selection.rows(device))
+        return (result + delta).to(result.dtype)  # one rounding when the path computes wider than the base
+
+    def _lanes(self, h: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.index_select(0, index)
+        b = self.lora_B.index_select(0, index)
+        coefficient = self.scaling.index_select(0, index) * weight
+        if index.numel() == 1:
+            return F.linear(F.linear(h, a[0]), b[0]) * coefficient
+        inner = torch.einsum("...i,kri->...kr", h, a) * coefficient.to(h.dtype)[:, None]
+        return torch.einsum("...kr,kor->...o", inner, b)
+
+    def _rows(self, h: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each batch row with its own slot. Models that flatten (batch, tokens) before a layer (OPT's MLP) keep
+        each row's tokens contiguous, so any input whose leading size is a multiple of the batch is viewed as
+        (batch, tokens, features)."""
+        batch = index.numel()
+        if h.shape[0] != batch and (h.dim() != 2 or h.shape[0] % batch):
+            raise ValueError(f"the batch has {h.shape[0]} rows but route() was given {batch} adapters")
+        rows = h.reshape(batch, -1, h.shape[-1])
+        a = self.lora_A.index_select(0, index)
+        b = self.lora_B.index_select(0, index)
+        coefficient = (self.scaling.index_select(0, index) * weight).to(h.dtype)
+        out = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * coefficient[:, None, None]
+        return out.reshape(*h.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, slots={self.lora_A.shape[0]}, rank={self.rank}"

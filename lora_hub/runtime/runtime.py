@@ -1,0 +1,499 @@
+"""Adapters on a live transformers model: attach once, then load, switch, stack, route, merge and unmerge.
+
+    adapters = lora_hub.attach(model)             # any device, 8-bit included; nothing is copied
+    adapters.load("sql", "sql.safetensors")       # checked against the model first, then straight to each layer
+    adapters.use("sql")                           # switch: small tensors written in place, no module rebuilt
+    adapters.use({"sql": 0.5, "chat": 0.5})       # stack with weights
+    with adapters.route(["sql", None, "chat"]):   # one adapter per batch row
+        logits = model(input_ids).logits
+    adapters.merge("sql"); adapters.unmerge()     # fold in for zero overhead; unmerge restores the base bit for bit
+
+Limits, for compiled models and CUDA graphs: switching between resident adapters, changing weights and routing
+rows never reallocates or rebuilds anything. Loading may: a load that needs more slots than exist, a larger rank
+than a layer holds, or a module not yet wrapped grows the buffers or wraps the module. Pass `max_adapters`,
+`max_rank` and `targets` to `attach` to fix all three up front; loads within them never reallocate (lower-rank
+adapters are zero-padded to `max_rank`, which costs compute as in PEFT's hotswap). Changing the number of stacked
+adapters, or turning adapters off and on, changes which code path runs (a recompile for torch.compile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import constants as C
+from ..adapter import Adapter, AdapterConfig
+from ..basemodel import describe_base
+from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
+from ..findings import Severity
+from ..validate import check_base
+from .layers import LoraLayer, Mode, Selection, compute_dtype, layer_kind
+from .weights import Snapshot, merge_delta, merge_float, restore
+
+Choice = str | Mapping[str, float] | None
+"""What to use: an adapter name, {name: weight} to stack, or None for the bare base model."""
+
+
+@dataclass
+class _Resident:
+    slot: int
+    config: AdapterConfig
+    source: str | None
+    replaced: frozenset[str] = field(default_factory=frozenset)
+
+
+class ReplacedModule(nn.Module):
+    """A module that some adapters replace (PEFT's modules_to_save, such as a task head): it runs the active
+    adapter's copy, or the original when no active adapter replaces it; with routed rows, each row its own."""
+
+    def __init__(self, original: nn.Module, selection: Selection) -> None:
+        super().__init__()
+        self.original = original
+        self.variants = nn.ModuleDict()
+        self.selection = selection
+        self.pinned: int | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        selection = self.selection
+        if self.pinned is not None:
+            return self.variants[str(self.pinned)](x, *args, **kwargs)
+        if selection.mode is Mode.LANES:
+            chosen = [s for s in selection.lane_slots if str(s) in self.variants]
+            return (self.variants[str(chosen[0])] if chosen else self.original)(x, *args, **kwargs)
+        if selection.mode is Mode.ROWS:
+            return self._rows(x, selection.row_slots, selection.row_weights, *args, **kwargs)
+        return self.original(x, *args, **kwargs)
+
+    def _rows(self, x: torch.Tensor, slots: list[int], weights: list[float], *args, **kwargs):
+        keys = [str(s) if w and str(s) in self.variants else None for s, w in zip(slots, weights, strict=True)]
+        result = None
+        for key in dict.fromkeys(keys):
+            index = torch.tensor([i for i, k in enumerate(keys) if k == key], device=x.device)
+            out = (self.variants[key] if key else self.original)(x.index_select(0, index), *args, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result.index_copy_(0, index, out)
+        return result
+
+
+class AdapterRuntime:
+    """The adapters attached to one live model: which are resident, which are in use, and what is merged.
+
+    Create it with `lora_hub.attach(model)`. The model keeps its identity: modules are wrapped in place, once.
+    """
+
+    def __init__(self, model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
+                 max_rank: int | None = None, dtype: torch.dtype | None = None) -> None:
+        if any(isinstance(m, (LoraLayer, ReplacedModule)) for m in model.modules()):
+            raise RuntimeStateError("the model already has lora-hub layers: detach() the other runtime first")
+        self.model = model
+        self.selection = Selection()
+        self.layers: dict[str, LoraLayer] = {}
+        self._replaced: dict[str, ReplacedModule] = {}
+        self._info = describe_base(model)
+        self._modules = dict(model.named_modules())  # the original modules by path; wrapping keeps their parents
+        self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self._resident: dict[str, _Resident] = {}
+        self._capacity = max_adapters or 0
+        self._fixed_capacity = max_adapters is not None
+        self._max_rank = max_rank
+        self._path_dtype = dtype
+        self._active: dict[str, float] | None = None
+        self._merged: tuple[dict[str, float], dict[str, Snapshot]] | None = None
+        self._detached = False
+        if targets is not None:
+            self._wrap(self._resolve(targets))
+
+    # --- what is here ------------------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the resident adapters."""
+        return list(self._resident)
+
+    @property
+    def active(self) -> dict[str, float] | None:
+        """What the unmerged paths apply: {name: weight}, or None for the bare base model."""
+        return dict(self._active) if self._active else None
+
+    @property
+    def merged(self) -> dict[str, float] | None:
+        """What is merged into the base weights, or None."""
+        return dict(self._merged[0]) if self._merged else None
+
+    def __repr__(self) -> str:
+        return (f"AdapterRuntime({len(self.layers)} layers, adapters={self.adapters}, active={self.active}, "
+                f"merged={self.merged})")
+
+    # --- loading -----------------------------------------------------------------------------------------------
+
+    def load(self, name: str, source: Adapter | str | os.PathLike[str], *, allow_pickle: bool = False,
+             **convert_options: Any) -> None:
+        """Makes an adapter resident under `name` (replacing, in place, one already there under that name).
+
+        Args:
+            name: The name to use it by.
+            source: An Adapter, a lora-hub file, a PEFT folder, or any layout `convert_adapter` reads.
+            allow_pickle: Allow pickle checkpoints (weights_only, on the CPU).
+
+        Raises:
+            AdapterMismatchError: The adapter does not fit this model (the base tier of validation found errors);
+                nothing was changed.
+            RuntimeStateError: Adapters are merged (unmerge first), or the runtime is detached.
+            And the errors of `convert_adapter`.
+        """
+        self._check_alive()
+        if self._merged:
+            raise RuntimeStateError(f"cannot load '{name}' while adapters are merged: unmerge() first")
+        adapter = source if isinstance(source, Adapter) else self._convert(source, allow_pickle, convert_options)
+        self._check_fit(name, adapter)
+        limit = self._max_rank
+        too_wide = [m for m, s in adapter.modules.items() if limit is not None and s.r * s.groups > limit]
+        if too_wide:
+            spec = adapter.modules[too_wide[0]]
+            raise RuntimeStateError(f"adapter '{name}': '{too_wide[0]}' has rank {spec.r * spec.groups}, over "
+                                    f"max_rank={self._max_rank}; nothing was changed")
+        slot = self._resident[name].slot if name in self._resident else self._free_slot()
+        self._reserve(adapter)
+        for path, layer in self.layers.items():
+            spec = adapter.modules.get(path)
+            if spec is None:
+                layer.clear(slot)
+            else:
+                layer.write(slot, adapter.lora_A(path), adapter.lora_B(path), spec.scaling, spec.enable_lora)
+        replaced = self._load_replacements(slot, adapter)
+        self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced)
+        if self._active and name in self._active:
+            self.use(self._active)  # the replacement may change which modules are replaced
+
+    def unload(self, name: str) -> None:
+        """Removes an adapter and frees its memory (unless `max_adapters` fixed the capacity, then its slot is
+        zeroed for reuse). An active adapter is first removed from the selection."""
+        self._check_alive()
+        resident = self._get(name)
+        if self._merged and name in self._merged[0]:
+            raise RuntimeStateError(f"'{name}' is merged: unmerge() before unloading it")
+        if self._active and name in self._active:
+            rest = {n: w for n, w in self._active.items() if n != name}
+            self.use(rest or None)
+        for layer in self.layers.values():
+            layer.clear(resident.slot)
+        for module in self._replaced.values():
+            module.variants.pop(str(resident.slot), None)
+        del self._resident[name]
+        if not self._fixed_capacity:
+            self._compact()
+
+    # --- switching ---------------------------------------------------------------------------------------------
+
+    def use(self, choice: Choice) -> None:
+        """Selects what the model computes: an adapter name, {name: weight} to stack several (the deltas add up,
+        each times its weight), or None for the bare base model. Writes a few small tensors; nothing else changes.
+
+        Raises:
+            RuntimeStateError: An unknown name, or adapters are merged (unmerge first).
+            ValueError: A weight that is not a finite number, or two stacked adapters replacing the same module.
+        """
+        self._check_alive()
+        if self._merged:
+            raise RuntimeStateError("adapters are merged into the weights: unmerge() before use()")
+        weights = self._weights(choice)
+        if weights:
+            self._check_replacements(weights)
+            self.selection.set_lanes([self._resident[n].slot for n in weights], list(weights.values()))
+        else:
+            self.selection.set_lanes([], [])
+        self._active = weights or None
+
+    @contextlib.contextmanager
+    def using(self, choice: Choice) -> Iterator[AdapterRuntime]:
+        """`use(choice)` for the duration of a with block, then back to what was in use before."""
+        previous = self._active
+        self.use(choice)
+        try:
+            yield self
+        finally:
+            self.use(previous)
+
+    @contextlib.contextmanager
+    def route(self, rows: Sequence[str | None]) -> Iterator[AdapterRuntime]:
+        """Within the with block, row i of each batch uses adapter rows[i] (None: the bare base model). One forward
+        pass computes every row with its own adapter.
+
+        Raises:
+            RuntimeStateError: An unknown name, no adapter resident, or adapters are merged.
+        """
+        self._check_alive()
+        if self._merged:
+            raise RuntimeStateError("adapters are merged into the weights: unmerge() before route()")
+        if not self._resident:
+            raise RuntimeStateError("no adapter is loaded")
+        spare = next(iter(self._resident.values())).slot
+        slots = [self._get(n).slot if n is not None else spare for n in rows]
+        previous = self._active
+        self.selection.set_rows(slots, [0.0 if n is None else 1.0 for n in rows])
+        try:
+            yield self
+        finally:
+            self.use(previous)
+
+    # --- merging -----------------------------------------------------------------------------------------------
+
+    def merge(self, choice: Choice = None, *, progress: Callable[[int, int], None] | None = None) -> None:
+        """Folds adapters into the base weights, for inference at exactly the base model's cost: `choice` as in
+        `use` (by default what is in use). A merge always starts from the original weights.
+
+        For 8-bit layers the original int8 codes are dequantized, the delta added, and the result requantized; for
+        4-bit layers likewise. `unmerge` puts the originals back, so nothing drifts however many cycles are run.
+
+        Args:
+            progress: Called as progress(done, total) after each layer.
+
+        Raises:
+            RuntimeStateError: Nothing to merge.
+        """
+        self._check_alive()
+        weights = self._weights(choice) if choice is not None else self._active
+        if not weights:
+            raise RuntimeStateError("nothing to merge: give an adapter (or weights), or use() one first")
+        self._check_replacements(weights)
+        active = self._active
+        if self._merged:
+            self.unmerge()
+        snapshots: dict[str, Snapshot] = {}
+        targeted = [(path, layer) for path, layer in self.layers.items()
+                    if any(path in self._resident[n].config.modules for n in weights)]
+        for done, (path, layer) in enumerate(targeted, 1):
+            slots, factors = [self._resident[n].slot for n in weights], list(weights.values())
+            with torch.no_grad():
+                if layer.kind in ("linear", "conv1d"):
+                    snapshots[path] = merge_float(layer.base_layer, lambda w, layer=layer, slots=slots,
+                                                  factors=factors: layer.add_delta_(w, slots, factors))
+                else:
+                    snapshots[path] = merge_delta(layer.base_layer, layer.kind, layer.delta_weight(slots, factors))
+            if progress is not None:
+                progress(done, len(targeted))
+        for module in self._replaced.values():
+            module.pinned = next((self._resident[n].slot for n in weights
+                                  if str(self._resident[n].slot) in module.variants), None)
+        self.selection.set_lanes([], [])
+        self._active = active
+        self._merged = (dict(weights), snapshots)
+
+    def unmerge(self) -> None:
+        """Restores the base weights exactly as they were, and what was in use before merging."""
+        self._check_alive()
+        if not self._merged:
+            return
+        for snapshot in self._merged[1].values():
+            restore(snapshot)
+        for module in self._replaced.values():
+            module.pinned = None
+        self._merged = None
+        self.use(self._active)
+
+    def save_merged(self, directory: str | os.PathLike[str], choice: Choice = None, **save_options: Any) -> None:
+        """Writes the model with `choice` (default: what is merged, else what is in use) merged in, as a transformers
+        model folder (`save_pretrained`). The runtime's state is the same afterwards."""
+        self._check_alive()
+        previous = self.merged
+        if choice is not None or previous is None:
+            self.merge(choice)
+        try:
+            with self._unwrapped():
+                self.model.save_pretrained(directory, **save_options)
+        finally:
+            if previous is None:
+                self.unmerge()
+            elif choice is not None:
+                self.merge(previous)
+
+    def detach(self) -> nn.Module:
+        """Unmerges, puts every original module back, and frees the adapters. Returns the model."""
+        self._check_alive()
+        self.unmerge()
+        for path, layer in self.layers.items():
+            self._set(path, layer.base_layer)
+        for path, module in self._replaced.items():
+            self._set(path, module.original)
+        self.layers.clear()
+        self._replaced.clear()
+        self._resident.clear()
+        self._detached = True
+        return self.model
+
+    # --- internals ---------------------------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._detached:
+            raise RuntimeStateError("this runtime was detached from its model; attach() again")
+
+    def _get(self, name: str) -> _Resident:
+        try:
+            return self._resident[name]
+        except KeyError:
+            raise RuntimeStateError(f"no adapter '{name}' is loaded (loaded: {', '.join(self._resident) or 'none'})"
+                                    ) from None
+
+    def _weights(self, choice: Choice) -> dict[str, float]:
+        if choice is None:
+            return {}
+        weights = {choice: 1.0} if isinstance(choice, str) else dict(choice)
+        for name, weight in weights.items():
+            self._get(name)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"the weight of '{name}' must be a finite number, got {weight!r}")
+        return {name: float(weight) for name, weight in weights.items()}
+
+    def _check_replacements(self, weights: Mapping[str, float]) -> None:
+        seen: dict[str, str] = {}
+        for name in weights:
+            for module in self._resident[name].replaced:
+                if module in seen:
+                    raise ValueError(f"'{seen[module]}' and '{name}' both replace '{module}': they cannot be stacked")
+                seen[module] = name
+
+    @staticmethod
+    def _convert(source, allow_pickle: bool, options: dict) -> Adapter:
+        from ..convert import convert_adapter
+
+        return convert_adapter(source, allow_pickle=allow_pickle, **options)
+
+    def _check_fit(self, name: str, adapter: Adapter) -> None:
+        shapes = adapter.tensor_shapes()
+        findings = check_base(adapter.config, self._info, shapes)
+        errors = [f for f in findings if f.severity is Severity.ERROR and f.code != "FAN_IN_FAN_OUT_MISMATCH"]
+        if errors:
+            detail = "; ".join(f"{f.code}: {f.message}" for f in errors[:3])
+            raise AdapterMismatchError(f"adapter '{name}' does not fit this model, which was left unchanged: {detail}",
+                                       findings=errors, path=adapter.source)
+        for finding in findings:
+            if finding.severity is Severity.WARNING:
+                warnings.warn(LoraHubWarning(f"adapter '{name}': {finding.code}: {finding.message}"), stacklevel=3)
+
+    def _free_slot(self) -> int:
+        """The lowest free slot; growing the capacity (for the next _reserve) when every slot is used."""
+        used = {r.slot for r in self._resident.values()}
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        if slot >= self._capacity:
+            if self._fixed_capacity:
+                raise RuntimeStateError(f"all {self._capacity} adapter slots are in use (max_adapters); unload one")
+            self._capacity = slot + 1
+        return slot
+
+    def _reserve(self, adapter: Adapter) -> None:
+        """Wraps the modules the adapter needs and sizes every layer for the capacity and the adapter's ranks, with
+        one allocation per layer that has to grow and none for the others."""
+        needed = {m: s.r * s.groups for m, s in adapter.modules.items()}
+        self._wrap([m for m in needed if m not in self.layers], ranks=needed)
+        for path, layer in self.layers.items():
+            rank = max(layer.rank, needed.get(path, 0))
+            if (layer.lora_A.shape[0], layer.rank) != (self._capacity, rank):
+                layer.reserve(self._capacity, rank)
+
+    def _resolve(self, targets: Iterable[str]) -> list[str]:
+        paths = []
+        for target in targets:
+            matched = [p for p in self._info.layers if p == target or p.endswith("." + target)]
+            if not matched:
+                raise RuntimeStateError(f"target '{target}' matches no linear layer of the model")
+            paths += matched
+        return list(dict.fromkeys(paths))
+
+    def _wrap(self, paths: Sequence[str], ranks: Mapping[str, int] | None = None) -> None:
+        for path in paths:
+            base = self._modules[path]
+            kind = layer_kind(base)
+            if kind is None:
+                raise RuntimeStateError(f"'{path}' is a {type(base).__name__}, which lora-hub cannot wrap")
+            dtype = self._path_dtype or compute_dtype(base, self._dtype)
+            rank = self._max_rank or (ranks or {}).get(path, 0)
+            layer = LoraLayer(base, self.selection, kind=kind, dtype=dtype, slots=self._capacity, rank=rank)
+            self._set(path, layer)
+            self.layers[path] = layer
+
+    def _load_replacements(self, slot: int, adapter: Adapter) -> frozenset[str]:
+        for module in self._replaced.values():
+            module.variants.pop(str(slot), None)
+        config = adapter.config
+        for owner in config.modules_to_save:
+            if owner not in self._replaced:
+                wrapper = ReplacedModule(self._modules[owner], self.selection)
+                self._set(owner, wrapper)
+                self._replaced[owner] = wrapper
+            wrapper = self._replaced[owner]
+            variant = copy.deepcopy(wrapper.original)
+            tensors = dict(variant.named_parameters()) | dict(variant.named_buffers())
+            with torch.no_grad():
+                for name, tensor in adapter.tensors.items():
+                    if config.replacement_owner(name) == owner:
+                        tensors[name[len(C.TENSOR_PREFIX) + len(owner) + 1:]].copy_(tensor)
+            wrapper.variants[str(slot)] = variant
+        return frozenset(config.modules_to_save)
+
+    def _compact(self) -> None:
+        """Renumbers the slots 0..n-1 and shrinks the buffers to n: unloading frees the memory."""
+        order = sorted(self._resident.items(), key=lambda item: item[1].slot)
+        mapping = {r.slot: new for new, (_, r) in enumerate(order)}
+        for layer in self.layers.values():
+            index = torch.tensor(list(mapping), dtype=torch.long, device=layer.lora_A.device)
+            layer.lora_A = layer.lora_A.index_select(0, index)
+            layer.lora_B = layer.lora_B.index_select(0, index)
+            layer.scaling = layer.scaling.index_select(0, index)
+        for module in self._replaced.values():
+            module.variants = nn.ModuleDict({str(mapping[int(k)]): v for k, v in module.variants.items()})
+        for resident in self._resident.values():
+            resident.slot = mapping[resident.slot]
+        self._capacity = len(order)
+        self.use(self._active)
+
+    def _set(self, path: str, module: nn.Module) -> None:
+        parent, _, child = path.rpartition(".")
+        setattr(self._modules[parent] if parent else self.model, child, module)
+
+    @contextlib.contextmanager
+    def _unwrapped(self) -> Iterator[None]:
+        """Temporarily the plain model (with merged weights, and replaced modules in place), for saving."""
+        for path, layer in self.layers.items():
+            self._set(path, layer.base_layer)
+        for path, module in self._replaced.items():
+            self._set(path, module.variants[str(module.pinned)] if module.pinned is not None else module.original)
+        try:
+            yield
+        finally:
+            for path, layer in self.layers.items():
+                self._set(path, layer)
+            for path, module in self._replaced.items():
+                self._set(path, module)
+
+
+def attach(model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
+           max_rank: int | None = None, dtype: torch.dtype | None = None) -> AdapterRuntime:
+    """Attaches a runtime to a live model, so that adapters can be loaded, switched, stacked, routed and merged.
+
+    Args:
+        model: A transformers model (or any nn.Module), on any device, full precision or bitsandbytes 8-bit/4-bit.
+        targets: Module paths or trailing names ("q_proj") to wrap now; by default each load wraps what it needs.
+        max_adapters: Fix the number of slots, so that loads never reallocate (see the module docs).
+        max_rank: Fix every layer's rank; lower-rank adapters are zero-padded to it.
+        dtype: The dtype of the LoRA paths; by default each base layer's compute dtype. torch.float32 on a bf16 or
+            fp16 model computes the paths as PEFT does by default (more precise, twice the adapter memory).
+
+    Returns:
+        The runtime; `runtime.detach()` restores the original modules.
+
+    Example:
+        >>> adapters = lora_hub.attach(model)
+        >>> adapters.load("sql", "sql.safetensors")
+        >>> adapters.use("sql")
+    """
+    return AdapterRuntime(model, targets=targets, max_adapters=max_adapters, max_rank=max_rank, dtype=dtype)
