@@ -147,6 +147,37 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
     return 1 if failed else 0
 
 
+@click.command()
+@click.argument("adapter", type=click.Path(exists=True))
+@click.option("--base", help="Base model folder or Hub id in the local cache; default: the one the adapter declares.")
+@click.option("--load-in-8bit", is_flag=True, help="Load the base model in 8-bit (bitsandbytes LLM.int8()).")
+@click.option("--merge", is_flag=True, help="Merge the adapter into the weights (exact unmerge is kept).")
+@click.option("--output", type=click.Path(file_okay=False), help="Save the model, adapter merged, to this folder.")
+@click.option("--prompt", help="Generate from this prompt with the adapter applied, and print the text.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
+def apply(adapter: str, base: str | None, load_in_8bit: bool, merge: bool, output: str | None, prompt: str | None,
+          max_new_tokens: int, allow_pickle: bool) -> None:
+    """Put the ADAPTER on its base model: generate with --prompt, merge with --merge, save with --output."""
+    from lora_hub.runtime.apply import generate, open_with_adapter
+
+    start = time.perf_counter()
+    applied = open_with_adapter(adapter, base=base, load_in_8bit=load_in_8bit, allow_pickle=allow_pickle)
+    layers = len(applied.runtime.layers)
+    click.echo(f"{adapter} on {applied.base}{' (8-bit)' if load_in_8bit else ''}: {layers} layers adapted, "
+               f"{time.perf_counter() - start:.2f} s", err=True)
+    if merge or output:
+        with click.progressbar(length=layers, label="merging", file=click.get_text_stream("stderr")) as bar:
+            applied.runtime.merge(progress=lambda done, total: bar.update(1))
+    if output:
+        applied.runtime.save_merged(output)
+        if applied.tokenizer is not None:
+            applied.tokenizer.save_pretrained(output)
+        click.echo(f"saved the merged model to {output}", err=True)
+    if prompt is not None:
+        click.echo(generate(applied, prompt, max_new_tokens=max_new_tokens))
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -173,4 +204,4 @@ def demo(keep: str | None) -> None:
     click.echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
 
 
-ALL_COMMANDS = [inspect, convert, validate, demo]
+ALL_COMMANDS = [inspect, convert, validate, apply, demo]

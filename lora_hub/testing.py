@@ -57,10 +57,27 @@ def tiny_model(kind: str, *, seed: int = 0, dtype: torch.dtype | None = None, **
     return model.eval()
 
 
-def save_tiny_model(kind: str, directory: str | os.PathLike[str], *, seed: int = 0, **overrides: Any) -> Path:
-    """Saves a tiny model (config.json and weights) to `directory`, as a base model folder."""
+def tiny_tokenizer():
+    """A character-level tokenizer for the tiny models (97 tokens: <unk>, <eos>, printable ASCII), built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>",
+                                   pad_token="<eos>")
+
+
+def save_tiny_model(kind: str, directory: str | os.PathLike[str], *, seed: int = 0, tokenizer: bool = True,
+                    **overrides: Any) -> Path:
+    """Saves a tiny model (config.json, weights and, by default, a tokenizer) to `directory`, as a base model
+    folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open offline."""
     model = tiny_model(kind, seed=seed, **overrides)
     model.save_pretrained(directory)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(directory)
     return Path(directory)
 
 

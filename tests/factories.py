@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import loralib
 import torch
 
 from lora_hub import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
+from lora_hub.testing import tiny_model
 
 SPECS = {
     "model.layers.0.self_attn.q_proj": ModuleSpec(r=4, alpha=8, in_features=16, out_features=16),
@@ -30,3 +32,25 @@ def random_adapter(seed: int = 0, *, dtype: torch.dtype = torch.float32, specs: 
         tensors["base_model.model.score.weight"] = torch.randn(3, 16, generator=generator)
         tensors["base_model.model.score.bias"] = torch.randn(3, generator=generator).to(torch.float16)
     return Adapter(config, tensors)
+
+
+QKV = {"gpt2": "transformer.h.{}.attn.c_attn", "bloom": "transformer.h.{}.self_attention.query_key_value"}
+
+
+def with_loralib_qkv(kind: str, *, seed: int) -> torch.nn.Module:
+    """The tiny model with every fused qkv replaced by a loralib MergedLinear (r=2, alpha=4, [T, F, T]) holding the
+    same base weights and random LoRA factors: loralib's own layers, as the oracle for enable_lora."""
+    model = tiny_model(kind)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in range(model.config.num_hidden_layers):
+        path = QKV[kind].format(layer)
+        parent_path, name = path.rsplit(".", 1)
+        parent, old = model.get_submodule(parent_path), model.get_submodule(path)
+        new = loralib.MergedLinear(64, 192, r=2, lora_alpha=4, enable_lora=[True, False, True],
+                                   fan_in_fan_out=kind == "gpt2", merge_weights=False)  # Conv1D stores (in, out)
+        new.weight.data = old.weight.data.clone()
+        new.bias.data = old.bias.data.clone()
+        new.lora_A.data = torch.randn(new.lora_A.shape, generator=generator) * 0.3
+        new.lora_B.data = torch.randn(new.lora_B.shape, generator=generator) * 0.3
+        setattr(parent, name, new)
+    return model.eval()

@@ -16,5 +16,5 @@ def test_quick_benchmarks_run_and_write_json(tmp_path) -> None:
     assert "lora-hub benchmarks" in result.stdout
     data = json.loads(out.read_text())
     assert data["machine"]["cores"] and data["results"]
-    assert {row["suite"] for row in data["results"]} == {"validate"}
+    assert {row["suite"] for row in data["results"]} == {"validate", "runtime"}
     assert all(row["ours"] > 0 for row in data["results"] if "memory" not in row["name"])

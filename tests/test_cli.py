@@ -186,3 +186,49 @@ def test_validate_strict_fails_on_warnings_and_json_lists_reports(run, tmp_path:
                                   ("validate", "x", "--profile", "tgi")])
 def test_validate_usage_errors_exit_2(run, args) -> None:
     assert run(*args).exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def llama_adapter(tmp_path_factory, base_dirs) -> Path:
+    """A lora-hub file that declares its base: the tiny Llama folder, which has a tokenizer."""
+    folder = tmp_path_factory.mktemp("apply")
+    source = random_peft_adapter(tiny_model("llama"), folder / "peft", seed=9)
+    return lora_hub.save_adapter(lora_hub.convert_adapter(source, base=base_dirs["llama"]), folder / "a.safetensors")
+
+
+def test_apply_generates_with_the_adapter(run, llama_adapter: Path) -> None:
+    from lora_hub.runtime.apply import generate, open_with_adapter
+
+    result = run("apply", llama_adapter, "--prompt", "Hello", "--max-new-tokens", "6")
+    assert result.exit_code == 0, result.output
+    expected = generate(open_with_adapter(llama_adapter), "Hello", max_new_tokens=6)
+    assert result.stdout.strip() == expected.strip()
+    assert "14 layers adapted" in result.stderr
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_apply_saves_the_merged_model(run, llama_adapter: Path, tmp_path: Path, eight_bit: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_hub.runtime.apply import open_with_adapter
+
+    args = ["apply", llama_adapter, "--merge", "--output", tmp_path / "merged"] + (["--load-in-8bit"] if eight_bit
+                                                                                   else [])
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").decode([42]) == "H"
+    applied = open_with_adapter(llama_adapter, load_in_8bit=eight_bit)
+    applied.runtime.merge()
+    tokens = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, applied.model(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_errors(run, tmp_path: Path, base_dirs) -> None:
+    undeclared = lora_hub.save_adapter(random_adapter(3, with_head=False), tmp_path / "u.safetensors")
+    result = run("apply", undeclared)
+    assert result.exit_code == 1 and "[BASE_MODEL_UNAVAILABLE]" in result.output and "--base" in result.output
+    source = random_peft_adapter(tiny_model("llama"), tmp_path / "peft")
+    wrong = run("apply", source, "--base", base_dirs["opt"])
+    assert wrong.exit_code == 1 and "[BASE_MISMATCH]" in wrong.output

@@ -14,27 +14,8 @@ from peft import PeftModel
 import lora_hub
 from lora_hub.testing import tiny_model
 
-QKV = {"gpt2": "transformer.h.{}.attn.c_attn", "bloom": "transformer.h.{}.self_attention.query_key_value"}
-
-
-def _with_loralib_qkv(kind: str, *, seed: int) -> torch.nn.Module:
-    """The tiny model with every fused qkv replaced by a loralib MergedLinear (r=2, alpha=4, [T, F, T]) holding the
-    same base weights and random LoRA factors."""
-    model = tiny_model(kind)
-    generator = torch.Generator().manual_seed(seed)
-    for layer in range(model.config.num_hidden_layers):
-        path = QKV[kind].format(layer)
-        parent_path, name = path.rsplit(".", 1)
-        parent, old = model.get_submodule(parent_path), model.get_submodule(path)
-        fan_in_fan_out = kind == "gpt2"  # Conv1D stores (in, out)
-        new = loralib.MergedLinear(64, 192, r=2, lora_alpha=4, enable_lora=[True, False, True],
-                                   fan_in_fan_out=fan_in_fan_out, merge_weights=False)
-        new.weight.data = old.weight.data.clone()
-        new.bias.data = old.bias.data.clone()
-        new.lora_A.data = torch.randn(new.lora_A.shape, generator=generator) * 0.3
-        new.lora_B.data = torch.randn(new.lora_B.shape, generator=generator) * 0.3
-        setattr(parent, name, new)
-    return model.eval()
+from .factories import QKV
+from .factories import with_loralib_qkv as _with_loralib_qkv
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
