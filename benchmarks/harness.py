@@ -50,6 +50,25 @@ def interleaved_medians(runs: Sequence[Callable[[], object]], *, repeats: int, w
     return [statistics.median(t) for t in times]
 
 
+def interleaved_timings(runs: Sequence[Callable[[], float]], *, repeats: int, warmup: int = 1) -> list[float]:
+    """Like `interleaved_medians`, for functions that time their own core section (excluding their set-up and
+    tear-down) and return the seconds it took."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for index, run in enumerate(runs):
+            times[index].append(run())
+    return [statistics.median(t) for t in times]
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def peak_memory_added(code: str, *, setup: str = "") -> int:
     """Bytes of peak resident memory that `code` adds in a fresh Python process, over the resident memory after
     `setup`. On Linux the peak is reset just before `code` (/proc/self/clear_refs), so import-time peaks do not hide

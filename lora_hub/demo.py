@@ -134,9 +134,10 @@ def _run_time(step, base_dir: Path, files: dict[str, Path], tokens) -> None:
                 routed = model(tokens).logits
             error = max((routed[0] - outputs["sql"][0]).abs().max().item(),
                         (routed[1] - outputs["chat"][1]).abs().max().item())
-            if error > 1e-4:
+            scale = outputs["sql"].abs().max().item()
+            if error > 1e-2 * scale:  # int8 layers round their inputs, so float-level differences can move a step
                 raise DemoFailure(f"routed rows differ from the adapters run alone by {error}")
-            d.append(f"each row equals its adapter run alone (max difference {error:.1e})")
+            d.append(f"each row matches its adapter run alone to {error / scale:.0e} of the logit scale")
         codes = {name: layer.base_layer.state.CB.clone() for name, layer in adapters.layers.items()}
         with step("merge sql into the int8 weights (dequantize, add, requantize)") as d:
             adapters.merge("sql")

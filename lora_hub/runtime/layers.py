@@ -43,6 +43,7 @@ class Selection:
         self._lanes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lane_slots: list[int] = []
+        self.lane_weights: list[float] = []
         self.row_slots: list[int] = []
         self.row_weights: list[float] = []
 
@@ -54,8 +55,8 @@ class Selection:
             _store(self._rows, {device}, self.row_slots, self.row_weights)
 
     def set_lanes(self, slots: Sequence[int], weights: Sequence[float]) -> None:
-        self.lane_slots = list(slots)
-        _store(self._lanes, self._devices, self.lane_slots, list(weights))
+        self.lane_slots, self.lane_weights = list(slots), list(weights)
+        _store(self._lanes, self._devices, self.lane_slots, self.lane_weights)
         self.mode = Mode.LANES if slots else Mode.OFF
 
     def set_rows(self, slots: Sequence[int], weights: Sequence[float]) -> None:
@@ -126,11 +127,15 @@ class LoraLayer(nn.Module):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         device = base_layer.weight.device
         selection.register(device)
-        self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device, dtype=dtype),
+        # A single slot is about to be written in full by the load that wraps this layer; more slots belong to other
+        # adapters, which must read as zero here.
+        create = torch.empty if slots == 1 else torch.zeros
+        self.register_buffer("lora_A", create(slots, rank, self.in_features, device=device, dtype=dtype),
                              persistent=False)
-        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, rank, device=device, dtype=dtype),
+        self.register_buffer("lora_B", create(slots, self.out_features, rank, device=device, dtype=dtype),
                              persistent=False)
         self.register_buffer("scaling", torch.zeros(slots, device=device, dtype=torch.float32), persistent=False)
+        self._scalings = [0.0] * slots  # the same values on the host, so that eager forwards never read a device
 
     @property
     def rank(self) -> int:
@@ -149,6 +154,15 @@ class LoraLayer(nn.Module):
         b[:keep_slots, :, :keep_rank] = self.lora_B[:keep_slots, :, :keep_rank]
         s[:keep_slots] = self.scaling[:keep_slots]
         self.lora_A, self.lora_B, self.scaling = a, b, s
+        self._scalings = self._scalings[:keep_slots] + [0.0] * (slots - keep_slots)
+
+    def select_slots(self, slots: Sequence[int]) -> None:
+        """Keeps only `slots`, renumbered 0..len-1, and frees the rest (unloading)."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.lora_A.device)
+        self.lora_A = self.lora_A.index_select(0, index)
+        self.lora_B = self.lora_B.index_select(0, index)
+        self.scaling = self.scaling.index_select(0, index)
+        self._scalings = [self._scalings[s] for s in slots]
 
     def write(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
               enable_lora: tuple[bool, ...] | None) -> None:
@@ -173,17 +187,19 @@ class LoraLayer(nn.Module):
             for g, s in enumerate(i for i, flag in enumerate(enable_lora) if flag):
                 self.lora_B[slot, s * n:(s + 1) * n, g * r:(g + 1) * r].copy_(lora_B[g * n:(g + 1) * n])
         self.scaling[slot] = scaling
+        self._scalings[slot] = scaling
 
     def clear(self, slot: int) -> None:
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.scaling[slot] = 0.0
+        self._scalings[slot] = 0.0
 
     def delta_weight(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
         """sum_k weights[k] * scaling * B_k @ A_k in float32, shaped like the base weight ((in, out) for Conv1D)."""
         delta = None
         for slot, weight in zip(slots, weights, strict=True):
-            term = (self.lora_B[slot].float() @ self.lora_A[slot].float()) * (float(self.scaling[slot]) * weight)
+            term = (self.lora_B[slot].float() @ self.lora_A[slot].float()) * (self._scalings[slot] * weight)
             delta = term if delta is None else delta + term
         return delta.T if self.kind == "conv1d" else delta
 
@@ -195,7 +211,7 @@ class LoraLayer(nn.Module):
             return
         for slot, w in zip(slots, weights, strict=True):
             a, b = self.lora_A[slot].float(), self.lora_B[slot].float()
-            alpha = float(self.scaling[slot]) * w
+            alpha = self._scalings[slot] * w
             if self.kind == "conv1d":
                 weight.addmm_(a.T, b.T, alpha=alpha)
             else:
@@ -215,6 +231,13 @@ class LoraLayer(nn.Module):
         return (result + delta).to(result.dtype)  # one rounding when the path computes wider than the base
 
     def _lanes(self, h: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        selection = self.selection
+        if len(selection.lane_slots) == 1 and not torch.compiler.is_compiling():
+            # Eager, one adapter: views of its slot and a host scalar, the very ops PEFT runs. Compiled graphs take
+            # the tensor-indexed path below, whose inputs stay the same tensors across switches.
+            slot = selection.lane_slots[0]
+            coefficient = self._scalings[slot] * selection.lane_weights[0]
+            return F.linear(F.linear(h, self.lora_A[slot]), self.lora_B[slot]) * coefficient
         a = self.lora_A.index_select(0, index)
         b = self.lora_B.index_select(0, index)
         coefficient = self.scaling.index_select(0, index) * weight

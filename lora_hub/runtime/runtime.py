@@ -93,14 +93,14 @@ class AdapterRuntime:
 
     def __init__(self, model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
                  max_rank: int | None = None, dtype: torch.dtype | None = None) -> None:
-        if any(isinstance(m, (LoraLayer, ReplacedModule)) for m in model.modules()):
+        self._modules = dict(model.named_modules())  # the original modules by path; wrapping keeps their parents
+        if any(isinstance(m, (LoraLayer, ReplacedModule)) for m in self._modules.values()):
             raise RuntimeStateError("the model already has lora-hub layers: detach() the other runtime first")
         self.model = model
         self.selection = Selection()
         self.layers: dict[str, LoraLayer] = {}
         self._replaced: dict[str, ReplacedModule] = {}
         self._info = describe_base(model)
-        self._modules = dict(model.named_modules())  # the original modules by path; wrapping keeps their parents
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self._resident: dict[str, _Resident] = {}
         self._capacity = max_adapters or 0
@@ -445,10 +445,7 @@ class AdapterRuntime:
         order = sorted(self._resident.items(), key=lambda item: item[1].slot)
         mapping = {r.slot: new for new, (_, r) in enumerate(order)}
         for layer in self.layers.values():
-            index = torch.tensor(list(mapping), dtype=torch.long, device=layer.lora_A.device)
-            layer.lora_A = layer.lora_A.index_select(0, index)
-            layer.lora_B = layer.lora_B.index_select(0, index)
-            layer.scaling = layer.scaling.index_select(0, index)
+            layer.select_slots(list(mapping))
         for module in self._replaced.values():
             module.variants = nn.ModuleDict({str(mapping[int(k)]): v for k, v in module.variants.items()})
         for resident in self._resident.values():
