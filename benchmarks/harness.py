@@ -38,20 +38,11 @@ class Row:
 def interleaved_medians(runs: Sequence[Callable[[], object]], *, repeats: int, warmup: int = 1) -> list[float]:
     """Seconds per call of each function: after `warmup` rounds, `repeats` rounds that call each function in turn,
     so that drift in the machine's state affects them alike. Returns the median of each."""
-    for _ in range(warmup):
-        for run in runs:
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for index, run in enumerate(runs):
-            start = time.perf_counter()
-            run()
-            times[index].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return interleaved_timings([lambda run=run: timed(run) for run in runs], repeats=repeats, warmup=warmup)
 
 
 def interleaved_timings(runs: Sequence[Callable[[], float]], *, repeats: int, warmup: int = 1) -> list[float]:
-    """Like `interleaved_medians`, for functions that time their own core section (excluding their set-up and
+    """Medians of interleaved runs of functions that time their own core section (excluding their set-up and
     tear-down) and return the seconds it took."""
     for _ in range(warmup):
         for run in runs:

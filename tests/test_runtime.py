@@ -38,6 +38,15 @@ def adapters(tmp_path_factory) -> dict[str, dict[str, Path]]:
     return out
 
 
+def _with_both(kind: str, adapters, model=None):
+    """A tiny model of `kind` with a runtime holding adapters a and b."""
+    model = model if model is not None else tiny_model(kind)
+    runtime = lora_hub.attach(model)
+    runtime.load("a", adapters[kind]["a"])
+    runtime.load("b", adapters[kind]["b"])
+    return model, runtime
+
+
 def _logits(model, tokens=TOKENS) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits
@@ -49,11 +58,8 @@ def _peft(kind: str, source: Path, base=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_adapter_gives_peft_logits_and_off_gives_the_base(kind: str, adapters) -> None:
-    model = tiny_model(kind)
-    base = _logits(model)
-    runtime = lora_hub.attach(model)
-    runtime.load("a", adapters[kind]["a"])
-    runtime.load("b", adapters[kind]["b"])
+    base = _logits(tiny_model(kind))
+    model, runtime = _with_both(kind, adapters)
     for name in ("a", "b"):
         runtime.use(name)
         assert torch.equal(_logits(model), _peft(kind, adapters[kind][name])), name
@@ -66,10 +72,7 @@ def test_each_adapter_gives_peft_logits_and_off_gives_the_base(kind: str, adapte
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_stacking_adds_the_weighted_deltas(kind: str, adapters) -> None:
-    model = tiny_model(kind)
-    runtime = lora_hub.attach(model)
-    runtime.load("a", adapters[kind]["a"])
-    runtime.load("b", adapters[kind]["b"])
+    model, runtime = _with_both(kind, adapters)
     runtime.use({"a": 0.7, "b": -0.4})
     stacked = _logits(model)
     a = lora_hub.convert_adapter(adapters[kind]["a"])
@@ -86,10 +89,7 @@ def test_stacking_adds_the_weighted_deltas(kind: str, adapters) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_routed_rows_equal_running_each_row_alone(kind: str, adapters) -> None:
-    model = tiny_model(kind)
-    runtime = lora_hub.attach(model)
-    runtime.load("a", adapters[kind]["a"])
-    runtime.load("b", adapters[kind]["b"])
+    model, runtime = _with_both(kind, adapters)
     plan = ["b", None, "a"]
     with runtime.route(plan):
         routed = _logits(model)
@@ -161,9 +161,7 @@ def test_a_hundred_merge_cycles_restore_the_weights_bit_for_bit(precision: str, 
         model = _quantized(base_dirs["llama"], 8 if precision == "int8" else 4)
     else:
         model = tiny_model("llama", dtype=getattr(torch, precision))
-    runtime = lora_hub.attach(model)
-    runtime.load("a", adapters["llama"]["a"])
-    runtime.load("b", adapters["llama"]["b"])
+    model, runtime = _with_both("llama", adapters, model)
     runtime.use("a")
     unmerged = _logits(model)
     before = _weights(model)
@@ -276,9 +274,7 @@ def test_detach_restores_the_original_modules(adapters) -> None:
 
 
 def test_unload_frees_the_slot_memory(adapters) -> None:
-    runtime = lora_hub.attach(tiny_model("llama"))
-    runtime.load("a", adapters["llama"]["a"])
-    runtime.load("b", adapters["llama"]["b"])
+    _, runtime = _with_both("llama", adapters)
     runtime.use({"a": 1.0, "b": 1.0})
     layer = runtime.layers["model.layers.0.self_attn.q_proj"]
     assert layer.lora_A.shape[0] == 2
