@@ -337,3 +337,14 @@ def test_a_load_over_max_rank_changes_nothing(adapters) -> None:
     with pytest.raises(lora_hub.RuntimeStateError, match="over max_rank=4; nothing was changed"):
         runtime.load("b", adapters["llama"]["b"])  # rank 8
     assert {name: type(module) for name, module in model.named_modules()} == before and runtime.adapters == []
+
+
+def test_unloading_while_another_adapter_is_merged(adapters) -> None:
+    model, runtime = _with_both("llama", adapters)
+    runtime.use({"a": 1.0, "b": 1.0})
+    runtime.merge("a")
+    runtime.unload("b")
+    assert runtime.adapters == ["a"] and runtime.merged == {"a": 1.0}
+    runtime.unmerge()
+    assert runtime.active == {"a": 1.0}
+    assert torch.equal(_logits(model), _peft("llama", adapters["llama"]["a"]))

@@ -183,8 +183,11 @@ class AdapterRuntime:
         if self._merged and name in self._merged[0]:
             raise RuntimeStateError(f"'{name}' is merged: unmerge() before unloading it")
         if self._active and name in self._active:
-            rest = {n: w for n, w in self._active.items() if n != name}
-            self.use(rest or None)
+            rest = {n: w for n, w in self._active.items() if n != name} or None
+            if self._merged:
+                self._active = rest  # what unmerge() goes back to
+            else:
+                self.use(rest)
         for layer in self.layers.values():
             layer.clear(resident.slot)
         for module in self._replaced.values():
@@ -448,10 +451,13 @@ class AdapterRuntime:
             layer.select_slots(list(mapping))
         for module in self._replaced.values():
             module.variants = nn.ModuleDict({str(mapping[int(k)]): v for k, v in module.variants.items()})
+            if module.pinned is not None:
+                module.pinned = mapping[module.pinned]
         for resident in self._resident.values():
             resident.slot = mapping[resident.slot]
         self._capacity = len(order)
-        self.use(self._active)
+        if not self._merged:  # while merged the paths are off; unmerge() selects again
+            self.use(self._active)
 
     def _set(self, path: str, module: nn.Module) -> None:
         parent, _, child = path.rpartition(".")
