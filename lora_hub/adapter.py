@@ -26,7 +26,7 @@ from .errors import (
     TensorDtypeError,
     UnexpectedTensorError,
 )
-from .jsontext import canonical_json, strict_loads
+from .jsontext import canonical_json, is_json_int, is_json_number, strict_loads
 
 if TYPE_CHECKING:
     import torch
@@ -109,11 +109,11 @@ class ModuleSpec:
         found = []
         for key in ("r", "in_features", "out_features"):
             value = getattr(self, key)
-            if not _is_int(value) or value < 1:
+            if not is_json_int(value) or value < 1:
                 found.append(f"{key} must be a positive integer, got {value!r}")
-        if _is_int(self.r) and self.r > C.MAX_RANK:
+        if is_json_int(self.r) and self.r > C.MAX_RANK:
             found.append(f"r={self.r} exceeds the limit of {C.MAX_RANK}")
-        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not is_json_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             found.append(f"alpha must be a finite number greater than 0, got {self.alpha!r}")
         for key in ("rslora", "fan_in_fan_out"):
             if not isinstance(getattr(self, key), bool):
@@ -124,7 +124,7 @@ class ModuleSpec:
                 found.append(f"enable_lora must be a non-empty list of booleans or null, got {flags!r}")
             elif not any(flags):
                 found.append("enable_lora must enable at least one slice")
-            elif _is_int(self.out_features) and self.out_features % len(flags):
+            elif is_json_int(self.out_features) and self.out_features % len(flags):
                 found.append(f"out_features={self.out_features} is not divisible by len(enable_lora)={len(flags)}")
         return found
 
@@ -464,14 +464,6 @@ def _overlapping_module(name: str, modules: Mapping[str, ModuleSpec]) -> str | N
         if module.startswith(prefix) or name.startswith(module + "."):
             return module
     return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _canonical_number(value: float) -> int | float:

@@ -24,6 +24,16 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not allowed: JSON numbers must be finite")
 
 
+def is_json_int(value: object) -> bool:
+    """An integer as JSON means it: not a boolean (which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_json_number(value: object) -> bool:
+    """An integer or a float, not a boolean."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def strict_loads(text: str | bytes) -> Any:
     """Parses JSON, refusing duplicate keys, NaN/Infinity and excessive nesting.
 

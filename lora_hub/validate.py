@@ -198,6 +198,7 @@ class _Validation(_Findings):
         self.header: SafetensorsHeader | None = None
         self.config: AdapterConfig | None = None
         self.tensors: Mapping | None = None  # in-memory tensors, for layouts that are not safetensors
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.adapter_header: AdapterHeader | None = None
 
     def guard(self, step: Callable[[], Any]) -> bool:
@@ -227,6 +228,7 @@ class _Validation(_Findings):
             header = self.adapter_header = (adapter_header(detected.header) if detected.header is not None
                                             else read_header(detected.weights))
             self.header, self.config = header.safetensors, header.config
+            self.shapes = {n: i.shape for n, i in header.tensors.items()}
             if self.config.tensors_sha256 is None:
                 self.add("CHECKSUM_ABSENT", "the file records no tensors_sha256")
             ref = self.config.base_model
@@ -245,6 +247,7 @@ class _Validation(_Findings):
                 if issubclass(warning.category, LoraHubWarning):
                     self.add(warning.category.code, str(warning.message))
             self.config = adapter.config
+            self.shapes = adapter.tensor_shapes()
             if detected.kind is FileKind.SAFETENSORS:
                 self.header = detected.header
             else:
@@ -296,14 +299,9 @@ class _Validation(_Findings):
 
         self.report.tiers.append("base")
         info = describe_base(base, task_type=self.config.task_type)
-        for finding in check_base(self.config, info, self._tensor_shapes(),
+        for finding in check_base(self.config, info, self.shapes,
                                   from_lora_hub=self.detected.layout is Layout.LORA_HUB):
             self.report.findings.append(replace(finding, file=self.file))
-
-    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        if self.header is not None:
-            return {n: i.shape for n, i in self.header.tensors.items()}
-        return {n: tuple(t.shape) for n, t in self.tensors.items()}
 
     # --- profiles ----------------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from ..errors import (
     WeightsMissingError,
 )
 from ..format import SafetensorsHeader, read_safetensors_header
-from ..jsontext import strict_loads
+from ..jsontext import is_json_int, is_json_number, strict_loads
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -151,28 +151,20 @@ def read_peft_config(path: Path) -> dict:
     return config
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _strings(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 _PEFT_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "peft_type": ("a string", lambda v: isinstance(v, str)),
-    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
-    "lora_alpha": ("a number", _is_number),
+    "r": ("a positive integer", lambda v: is_json_int(v) and v > 0),
+    "lora_alpha": ("a number", is_json_number),
     "target_modules": ("a regex string or a list of module names", lambda v: isinstance(v, str) or _strings(v)),
     "modules_to_save": ("a list of module names", _strings),
     "rank_pattern": ("an object of pattern -> positive integer",
-                     lambda v: isinstance(v, dict) and all(_is_int(x) and x > 0 for x in v.values())),
+                     lambda v: isinstance(v, dict) and all(is_json_int(x) and x > 0 for x in v.values())),
     "alpha_pattern": ("an object of pattern -> number",
-                      lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+                      lambda v: isinstance(v, dict) and all(is_json_number(x) for x in v.values())),
     "enable_lora": ("a list of booleans", lambda v: isinstance(v, list) and all(isinstance(x, bool) for x in v)),
     "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
     "use_rslora": ("true or false", lambda v: isinstance(v, bool)),

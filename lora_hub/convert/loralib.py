@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
     from ..basemodel import BaseSource
 
-PerModule = Mapping[str, "float | Sequence[bool] | bool"]
 
 
 def from_loralib(
