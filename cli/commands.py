@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
 
 
 @click.command()
-@click.argument("adapter", type=click.Path(exists=True))
+@click.argument("adapter", required=False)
 @click.option("--base", help="Base model folder or Hub id in the local cache; default: the one the adapter declares.")
 @click.option("--load-in-8bit", is_flag=True, help="Load the base model in 8-bit (bitsandbytes LLM.int8()).")
 @click.option("--merge", is_flag=True, help="Merge the adapter into the weights (exact unmerge is kept).")
@@ -156,11 +157,17 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
 @click.option("--prompt", help="Generate from this prompt with the adapter applied, and print the text.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
-def apply(adapter: str, base: str | None, load_in_8bit: bool, merge: bool, output: str | None, prompt: str | None,
-          max_new_tokens: int, allow_pickle: bool) -> None:
-    """Put the ADAPTER on its base model: generate with --prompt, merge with --merge, save with --output."""
+def apply(adapter: str | None, base: str | None, load_in_8bit: bool, merge: bool, output: str | None,
+          prompt: str | None, max_new_tokens: int, allow_pickle: bool) -> None:
+    """Put the ADAPTER on its base model: generate with --prompt, merge with --merge, save with --output.
+
+    ADAPTER is a file or folder, a registry name, or a Hub repo id (pulled first); by default the adapter pulled
+    most recently."""
     from lora_hub.runtime.apply import generate, open_with_adapter
 
+    if adapter is None:
+        adapter = lora_hub.Registry().latest().name
+        click.echo(f"using {adapter}, the adapter pulled most recently", err=True)
     start = time.perf_counter()
     applied = open_with_adapter(adapter, base=base, load_in_8bit=load_in_8bit, allow_pickle=allow_pickle)
     layers = len(applied.runtime.layers)
@@ -176,6 +183,103 @@ def apply(adapter: str, base: str | None, load_in_8bit: bool, merge: bool, outpu
         click.echo(f"saved the merged model to {output}", err=True)
     if prompt is not None:
         click.echo(generate(applied, prompt, max_new_tokens=max_new_tokens))
+
+
+@click.command()
+@click.argument("path")
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repository private (if it does not exist yet).")
+@click.option("--branch", help="Commit to this branch (created from main if needed).")
+@click.option("-m", "--message", help="The commit message.")
+@click.option("--endpoint", help="The Hub URL (default: HF_ENDPOINT, else huggingface.co).")
+@click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
+def push(path: str, repo: str, private: bool, branch: str | None, message: str | None, endpoint: str | None,
+         allow_pickle: bool) -> None:
+    """Push the adapter at PATH (any layout lora-hub reads) to the Hub repository REPO as a lora-hub file that is
+    also a PEFT adapter, with a model card. The token comes from HF_TOKEN or the saved login."""
+    result = lora_hub.push(path, repo, private=private, branch=branch, commit_message=message, endpoint=endpoint,
+                           allow_pickle=allow_pickle)
+    click.echo(f"pushed {path} to {result.url} ({result.revision} @ {result.commit[:12]})")
+
+
+@click.command()
+@click.argument("repo")
+@click.option("--revision", help="A branch, tag or commit (default: main).")
+@click.option("--force", is_flag=True, help="Keep an adapter that fails validation (it is flagged invalid).")
+@click.option("--endpoint", help="The Hub URL (default: HF_ENDPOINT, else huggingface.co).")
+def pull(repo: str, revision: str | None, force: bool, endpoint: str | None) -> None:
+    """Download the adapter in the Hub repository REPO into the Hugging Face cache, validate it, and record it in
+    the local registry. Offline (HF_HUB_OFFLINE=1) it is served from the cache."""
+    path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint)
+    entry = next(e for e in lora_hub.Registry().list() if e.path == str(path))
+    flag = "" if entry.valid else f"  INVALID ({', '.join(entry.findings)})"
+    click.echo(f"{entry.name} @ {entry.commit_sha[:12]}: {_size(entry.size)}, rank {_ranks(entry)}, "
+               f"base {entry.base_model or '?'}{flag}")
+    click.echo(str(path))
+
+
+@click.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+def list_(as_json: bool) -> None:
+    """List the adapters in the local registry, the most recently pulled first."""
+    registry = lora_hub.Registry()
+    entries = registry.list()
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"no adapters in {registry.path}: pull one (lora-hub pull REPO)")
+        return
+    rows = [("NAME", "COMMIT", "RANK", "SIZE", "BASE", "PULLED")] + [
+        (e.name + ("" if e.valid else " (invalid)"), (e.commit_sha or "-")[:12], _ranks(e), _size(e.size),
+         e.base_model or "-", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.updated))) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@click.command()
+@click.argument("name")
+@click.option("--cache", "from_cache", is_flag=True, help="Also delete its files from the Hugging Face cache.")
+def rm(name: str, from_cache: bool) -> None:
+    """Remove NAME from the local registry (and, with --cache, its files from the cache)."""
+    from lora_hub.hub import remove
+
+    entry = remove(name, from_cache=from_cache)
+    click.echo(f"removed {entry.name}{' and its cached files' if from_cache else ''}")
+
+
+@click.command()
+@click.option("--root", type=click.Path(file_okay=False), default="lora-hub-server", show_default=True,
+              help="Where the server keeps its objects and database.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8077, show_default=True, help="0 picks a free port.")
+@click.option("--user", default="local", show_default=True, help="The user whose write token is kept in ROOT/token.")
+def serve(root: str, host: str, port: int, user: str) -> None:
+    """Serve a Hub-compatible registry (what huggingface_hub, PEFT and transformers need) until interrupted."""
+    from lora_hub.server import serve as run
+    from lora_hub.server import token_file
+
+    tokens = token_file(root, user)
+
+    def ready(url: str) -> None:
+        click.echo(f"serving {Path(root).resolve()} at {url}", err=False)
+        click.echo(f"  HF_ENDPOINT={url} HF_TOKEN=$(cat {tokens}) lora-hub push ADAPTER {user}/NAME", err=True)
+        sys.stdout.flush()
+
+    run(root, host=host, port=port, ready=ready)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ranks(entry: lora_hub.RegistryEntry) -> str:
+    return ",".join(map(str, entry.ranks)) or "-"
 
 
 def _count(n: int, noun: str) -> str:
@@ -204,4 +308,4 @@ def demo(keep: str | None) -> None:
     click.echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
 
 
-ALL_COMMANDS = [inspect, convert, validate, apply, demo]
+ALL_COMMANDS = [inspect, convert, validate, apply, push, pull, list_, rm, serve, demo]

@@ -20,6 +20,9 @@ CLI_ERROR_MAPPINGS: list[tuple[type[BaseException], str]] = [
     (lora_hub.AdapterNotFoundError, "not found"),
     (lora_hub.PickleRefusedError, "refused"),
     (lora_hub.InvalidAdapterError, "invalid adapter"),
+    (lora_hub.AdapterRejectedError, "rejected"),
+    (lora_hub.HubError, "hub"),
+    (lora_hub.RegistryError, "registry"),
     (lora_hub.LoraHubError, "error"),
     (OSError, "error"),
 ]

@@ -24,6 +24,7 @@ from .convert import from_peft as from_peft
 from .convert import to_peft as to_peft
 from .errors import AdapterMismatchError as AdapterMismatchError
 from .errors import AdapterNotFoundError as AdapterNotFoundError
+from .errors import AdapterRejectedError as AdapterRejectedError
 from .errors import BaseModelError as BaseModelError
 from .errors import BaseModelMismatchError as BaseModelMismatchError
 from .errors import BufferHoleError as BufferHoleError
@@ -37,6 +38,9 @@ from .errors import HeaderEncodingError as HeaderEncodingError
 from .errors import HeaderJSONError as HeaderJSONError
 from .errors import HeaderSchemaError as HeaderSchemaError
 from .errors import HeaderTooLargeError as HeaderTooLargeError
+from .errors import HubAccessError as HubAccessError
+from .errors import HubError as HubError
+from .errors import HubUnreachableError as HubUnreachableError
 from .errors import InvalidAdapterError as InvalidAdapterError
 from .errors import LfsPointerError as LfsPointerError
 from .errors import LimitExceededError as LimitExceededError
@@ -45,6 +49,8 @@ from .errors import LoraHubWarning as LoraHubWarning
 from .errors import MetadataError as MetadataError
 from .errors import MissingTensorError as MissingTensorError
 from .errors import ModuleConflictError as ModuleConflictError
+from .errors import NotAnAdapterRepoError as NotAnAdapterRepoError
+from .errors import NotCachedError as NotCachedError
 from .errors import NotLoraHubFileError as NotLoraHubFileError
 from .errors import OffsetOutOfRangeError as OffsetOutOfRangeError
 from .errors import OffsetOverlapError as OffsetOverlapError
@@ -52,6 +58,10 @@ from .errors import ParameterRequiredError as ParameterRequiredError
 from .errors import PeftConfigError as PeftConfigError
 from .errors import PickleRefusedError as PickleRefusedError
 from .errors import RankMismatchError as RankMismatchError
+from .errors import RegistryError as RegistryError
+from .errors import RepoIdError as RepoIdError
+from .errors import RepoNotFoundError as RepoNotFoundError
+from .errors import RevisionNotFoundError as RevisionNotFoundError
 from .errors import RuntimeStateError as RuntimeStateError
 from .errors import ShapeMismatchError as ShapeMismatchError
 from .errors import TensorDtypeError as TensorDtypeError
@@ -76,6 +86,11 @@ from .format import load_adapter as load_adapter
 from .format import read_header as read_header
 from .format import read_safetensors_header as read_safetensors_header
 from .format import save_adapter as save_adapter
+from .hub import PushResult as PushResult
+from .hub import pull as pull
+from .hub import push as push
+from .registry import Registry as Registry
+from .registry import RegistryEntry as RegistryEntry
 from .summary import AdapterSummary as AdapterSummary
 from .summary import summarize as summarize
 from .validate import validate as validate
@@ -102,6 +117,7 @@ __all__ = [
     "AdapterHeader",
     "AdapterMismatchError",
     "AdapterNotFoundError",
+    "AdapterRejectedError",
     "AdapterRuntime",
     "AdapterSummary",
     "BaseModelError",
@@ -121,6 +137,9 @@ __all__ = [
     "HeaderJSONError",
     "HeaderSchemaError",
     "HeaderTooLargeError",
+    "HubAccessError",
+    "HubError",
+    "HubUnreachableError",
     "InvalidAdapterError",
     "LayerInfo",
     "Layout",
@@ -132,13 +151,22 @@ __all__ = [
     "MissingTensorError",
     "ModuleConflictError",
     "ModuleSpec",
+    "NotAnAdapterRepoError",
+    "NotCachedError",
     "NotLoraHubFileError",
     "OffsetOutOfRangeError",
     "OffsetOverlapError",
     "ParameterRequiredError",
     "PeftConfigError",
     "PickleRefusedError",
+    "PushResult",
     "RankMismatchError",
+    "Registry",
+    "RegistryEntry",
+    "RegistryError",
+    "RepoIdError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
     "RuntimeStateError",
     "SafetensorsHeader",
     "Severity",
@@ -167,6 +195,8 @@ __all__ = [
     "from_peft",
     "is_canonical",
     "load_adapter",
+    "pull",
+    "push",
     "read_header",
     "read_safetensors_header",
     "save_adapter",

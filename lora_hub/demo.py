@@ -1,7 +1,8 @@
-"""The offline tour behind `lora-hub demo`: a tiny base model built from a config, two PEFT adapters, conversion to
-lora-hub files, header-only inspection, lazy loading, export back to PEFT with the proof that PEFT sees the same
-adapter (bit-identical tensors, identical logits), then both adapters on the 8-bit base: switch, stack, route a
-mixed batch, merge and unmerge exactly. Nothing is downloaded; every step is timed.
+"""The offline tour behind `lora-hub demo`: a Hub-compatible server started in-process, a tiny base model built from
+a config, two PEFT task adapters, conversion to lora-hub files, header-only inspection, export back to PEFT with the
+proof that PEFT sees the same adapter (bit-identical tensors, identical logits), push to the server and pull back
+(validated on arrival, recorded in a registry), then both pulled adapters on the 8-bit base: switch, stack, route a
+mixed batch, merge and unmerge exactly. Nothing reaches the network; every step is timed.
 """
 
 from __future__ import annotations
@@ -99,8 +100,38 @@ def _tour(work: Path, report: Callable[[DemoStep], None]) -> list[DemoStep]:
                 raise DemoFailure(f"{name}: PeftModel gives different logits for the exported adapter")
             d.append(f"{len(before)} tensors bit-identical; logits identical (the adapter moves them by up to "
                      f"{(expected - plain).abs().max().item():.3f})")
-    _run_time(step, base_dir, files, tokens)
+    pulled = _hub_round_trip(step, work, files)
+    _run_time(step, base_dir, pulled, tokens)
     return steps
+
+
+def _hub_round_trip(step, work: Path, files: dict[str, Path]) -> dict[str, Path]:
+    """Push both adapters to an embedded server, pull them into a private cache and registry, validated."""
+    import hashlib
+
+    from .hub import pull, push
+    from .registry import Registry
+    from .server import Store, running
+
+    registry = Registry(work / "registry")
+    with running(work / "hub-server") as server:
+        token = Store(server.root).add_token("demo")
+        pulled = {}
+        for name, path in files.items():
+            with step(f"push {name} to the embedded Hub at {server.url}") as d:
+                result = push(path, f"demo/{name}-lora", token=token, endpoint=server.url)
+                d.append(f"demo/{name}-lora @ {result.commit[:12]}: adapter_model.safetensors, adapter_config.json, "
+                         "README.md")
+        for name, path in files.items():
+            with step(f"pull demo/{name}-lora: download, validate, record in the registry") as d:
+                pulled[name] = pull(f"demo/{name}-lora", token=token, endpoint=server.url,
+                                    cache_dir=work / "hf-cache", registry=registry)
+                entry = registry.get(f"demo/{name}-lora")
+                if entry.sha256 != hashlib.sha256(path.read_bytes()).hexdigest() or not entry.valid:
+                    raise DemoFailure(f"{name}: the pulled file differs from the pushed one")
+                d.append(f"valid, sha256 {entry.sha256[:12]}... equal to the pushed file, commit "
+                         f"{entry.commit_sha[:12]}, ranks {entry.ranks}")
+    return pulled
 
 
 def _run_time(step, base_dir: Path, files: dict[str, Path], tokens) -> None:
@@ -113,7 +144,7 @@ def _run_time(step, base_dir: Path, files: dict[str, Path], tokens) -> None:
     with step("load the base model in 8-bit (bitsandbytes LLM.int8())") as d:
         model = load_base(str(base_dir), load_in_8bit=True)
         d.append(f"{sum(type(m).__name__ == 'Linear8bitLt' for m in model.modules())} int8 layers")
-    with step("attach lora-hub and load both adapters") as d:
+    with step("attach lora-hub and load both pulled adapters") as d:
         adapters = attach(model)
         for name, path in files.items():
             adapters.load(name, path)

@@ -292,6 +292,77 @@ class RuntimeStateError(LoraHubError, RuntimeError):
     code = "RUNTIME_STATE"
 
 
+# --- Hub and registry ------------------------------------------------------------------------------------------------
+
+
+class HubError(LoraHubError, RuntimeError):
+    """The Hub (or a Hub-compatible server) refused a request or answered with an error."""
+
+    code = "HUB_ERROR"
+
+
+class RepoIdError(HubError, ValueError):
+    """A repository id that is not `namespace/name` with safe characters."""
+
+    code = "HUB_REPO_ID_INVALID"
+
+
+class RepoNotFoundError(HubError, FileNotFoundError):
+    """The repository does not exist, or it is private and the token (if any) may not read it."""
+
+    code = "HUB_REPO_NOT_FOUND"
+
+
+class RevisionNotFoundError(HubError, FileNotFoundError):
+    """The repository has no such branch, tag or commit."""
+
+    code = "HUB_REVISION_NOT_FOUND"
+
+
+class HubAccessError(HubError, PermissionError):
+    """The token is missing, invalid, or not allowed to write there."""
+
+    code = "HUB_ACCESS_DENIED"
+
+
+class HubUnreachableError(HubError, ConnectionError):
+    """The endpoint cannot be reached, or the transfer broke off, and the cache does not have what was asked."""
+
+    code = "HUB_UNREACHABLE"
+
+
+class NotCachedError(HubError, FileNotFoundError):
+    """Offline (HF_HUB_OFFLINE) and the repository revision is not in the local cache."""
+
+    code = "HUB_NOT_CACHED"
+
+
+class NotAnAdapterRepoError(HubError, FileNotFoundError):
+    """The repository holds no adapter_model.safetensors, adapter_model.bin or adapter_config.json."""
+
+    code = "HUB_NOT_AN_ADAPTER"
+
+
+class AdapterRejectedError(HubError, ValueError):
+    """Validation found errors in a pulled (or to-be-pushed) adapter; it was not registered or pushed.
+
+    Args:
+        findings: The error findings.
+    """
+
+    code = "ADAPTER_REJECTED"
+
+    def __init__(self, message: str, *, findings: list | None = None, path: str | os.PathLike[str] | None = None):
+        self.findings = findings or []
+        super().__init__(message, path=path)
+
+
+class RegistryError(LoraHubError, LookupError):
+    """A name that is not in the local registry, an entry whose file is gone, or a registry it cannot use."""
+
+    code = "NOT_IN_REGISTRY"
+
+
 class LoraHubWarning(UserWarning):
     """Something was corrected or ignored on the way, and the user should know (never a silent change)."""
 

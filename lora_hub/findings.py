@@ -94,6 +94,25 @@ CATALOGUE: dict[str, Code] = {
     "BASE_MISMATCH": Code(ERR, "The adapter does not fit the base model.", "Use the adapter's own base model."),
     "RUNTIME_STATE": Code(ERR, "The runtime's state does not allow the operation (an unknown adapter, switching "
                                   "while merged, a detached runtime).", "See the message; unmerge() before use()."),
+    "HUB_ERROR": Code(ERR, "The Hub or Hub-compatible server answered with an error.", "See the message."),
+    "HUB_REPO_ID_INVALID": Code(ERR, "A repository id that is not namespace/name with safe characters.",
+                                "Use namespace/name: letters, digits, '-', '_' and '.'."),
+    "HUB_REPO_NOT_FOUND": Code(ERR, "The repository does not exist, or it is private and the token cannot read it.",
+                               "Check the id and the endpoint; pass a token for a private repository."),
+    "HUB_REVISION_NOT_FOUND": Code(ERR, "The repository has no such branch, tag or commit.",
+                                   "List the refs (huggingface_hub list_repo_refs) and pick one."),
+    "HUB_ACCESS_DENIED": Code(ERR, "The token is missing, invalid, or may not write there.",
+                              "Pass a write token of that namespace (token= or HF_TOKEN)."),
+    "HUB_UNREACHABLE": Code(ERR, "The endpoint could not be reached or the transfer broke off, and the cache does "
+                                 "not hold the files.", "Check the endpoint and retry; a retry resumes the download."),
+    "HUB_NOT_CACHED": Code(ERR, "Offline, and the repository revision is not in the local cache.",
+                           "Pull it once while online, or unset HF_HUB_OFFLINE."),
+    "HUB_NOT_AN_ADAPTER": Code(ERR, "The repository holds no adapter_model.safetensors, adapter_model.bin or "
+                                    "adapter_config.json.", "Check the repository id and revision."),
+    "ADAPTER_REJECTED": Code(ERR, "Validation found errors; the adapter was not registered or pushed.",
+                             "Run lora-hub validate on it; pass force=True (--force) to keep it anyway, flagged."),
+    "NOT_IN_REGISTRY": Code(ERR, "No registry entry of that name, or its file is gone.",
+                            "lora-hub list shows the entries; pull the adapter (again)."),
     "INTERNAL_ERROR": Code(ERR, "lora-hub failed unexpectedly while checking this file.",
                            "Report it with the file if you can; the file was not accepted."),
     # Conversion notes

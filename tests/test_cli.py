@@ -140,6 +140,11 @@ def test_demo_runs_offline_and_checks_itself(run, tmp_path: Path) -> None:
     assert "every adapter survived the round trip exactly" in result.output
     assert (tmp_path / "demo" / "sql.safetensors").is_file()
     assert "logits identical" in result.output
+    assert "push chat to the embedded Hub at http://127.0.0.1:" in result.output
+    assert result.output.count("equal to the pushed file") == 2
+    names = [e.name for e in lora_hub.Registry(tmp_path / "demo" / "registry").list()]
+    assert sorted(names) == ["demo/chat-lora", "demo/sql-lora"]
+    assert lora_hub.Registry().list() == []  # the user's registry is not touched
 
 
 def test_console_script_is_installed() -> None:
@@ -232,3 +237,41 @@ def test_apply_errors(run, tmp_path: Path, base_dirs) -> None:
     source = random_peft_adapter(tiny_model("llama"), tmp_path / "peft")
     wrong = run("apply", source, "--base", base_dirs["opt"])
     assert wrong.exit_code == 1 and "[BASE_MISMATCH]" in wrong.output
+
+
+def test_push_pull_list_apply_rm_against_the_server(run, hub, llama_adapter: Path, tmp_path: Path) -> None:
+    from .conftest import Hub
+
+    assert isinstance(hub, Hub)
+    env = {"HF_TOKEN": hub.alice}
+    pushed = run("push", llama_adapter, "alice/cli-adapter", "--private", "-m", "from the CLI", env=env)
+    assert pushed.exit_code == 0, pushed.output
+    assert f"{hub.endpoint}/alice/cli-adapter" in pushed.stdout and hub.alice not in pushed.output
+
+    nothing = run("apply", "--prompt", "Hello")
+    assert nothing.exit_code == 1 and "[NOT_IN_REGISTRY]" in nothing.output and "pull" in nothing.output
+    private = run("pull", "alice/cli-adapter")
+    assert private.exit_code == 1 and "[HUB_REPO_NOT_FOUND]" in private.output
+    pulled = run("pull", "alice/cli-adapter", env=env)
+    assert pulled.exit_code == 0, pulled.output
+    path = Path(pulled.stdout.strip().splitlines()[-1])
+    assert path.read_bytes() == llama_adapter.read_bytes()
+    assert "alice/cli-adapter @ " in pulled.stdout and "rank 4" in pulled.stdout
+
+    listed = run("list")
+    assert listed.exit_code == 0 and listed.stdout.splitlines()[1].startswith("alice/cli-adapter ")
+    as_json = json.loads(run("list", "--json").stdout)
+    assert [e["name"] for e in as_json] == ["alice/cli-adapter"] and as_json[0]["path"] == str(path)
+
+    from lora_hub.runtime.apply import generate, open_with_adapter
+
+    applied = run("apply", "--prompt", "Hello", "--max-new-tokens", "5")
+    assert applied.exit_code == 0, applied.output
+    assert "using alice/cli-adapter" in applied.stderr
+    assert applied.stdout.strip() == generate(open_with_adapter(llama_adapter), "Hello", max_new_tokens=5).strip()
+
+    removed = run("rm", "alice/cli-adapter", "--cache")
+    assert removed.exit_code == 0 and "cached files" in removed.stdout
+    assert not path.exists() and run("list").stdout.startswith("no adapters")
+    again = run("rm", "alice/cli-adapter")
+    assert again.exit_code == 1 and "[NOT_IN_REGISTRY]" in again.output

@@ -31,7 +31,7 @@ def open_with_adapter(source: str | os.PathLike[str] | Adapter, *, base: str | N
     """Loads the base model, attaches a runtime, loads the adapter and uses it.
 
     Args:
-        source: The adapter (any layout `convert_adapter` reads).
+        source: The adapter (any layout `convert_adapter` reads), a registry name, or a Hub repo id.
         base: The base model folder or Hub id; by default the adapter's declared base model.
         load_in_8bit: Load the base with bitsandbytes LLM.int8().
 
@@ -40,8 +40,9 @@ def open_with_adapter(source: str | os.PathLike[str] | Adapter, *, base: str | N
         AdapterMismatchError: The adapter does not fit the base.
     """
     from ..convert import convert_adapter
+    from ..hub import locate
 
-    adapter = source if isinstance(source, Adapter) else convert_adapter(source, allow_pickle=allow_pickle,
+    adapter = source if isinstance(source, Adapter) else convert_adapter(locate(source), allow_pickle=allow_pickle,
                                                                          **convert_options)
     declared = adapter.config.base_model.name if adapter.config.base_model else None
     base = base or declared

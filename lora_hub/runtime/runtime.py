@@ -142,7 +142,8 @@ class AdapterRuntime:
 
         Args:
             name: The name to use it by.
-            source: An Adapter, a lora-hub file, a PEFT folder, or any layout `convert_adapter` reads.
+            source: An Adapter, a lora-hub file, a PEFT folder, or any layout `convert_adapter` reads; or a name
+                in the local registry; or a Hub repo id (`namespace/name[@revision]`), pulled first.
             allow_pickle: Allow pickle checkpoints (weights_only, on the CPU).
 
         Raises:
@@ -368,8 +369,9 @@ class AdapterRuntime:
     @staticmethod
     def _convert(source, allow_pickle: bool, options: dict) -> Adapter:
         from ..convert import convert_adapter
+        from ..hub import locate
 
-        return convert_adapter(source, allow_pickle=allow_pickle, **options)
+        return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
 
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()

@@ -1,0 +1,312 @@
+"""Push and pull adapters to and from the Hugging Face Hub or a Hub-compatible server (`lora-hub serve`).
+
+The only module that imports huggingface_hub. A pushed repository is at the same time a PEFT repository
+(adapter_model.safetensors is the lora-hub file, adapter_config.json PEFT's config, README.md a model card), so
+`PeftModel.from_pretrained(base, repo_id)` and transformers' `load_adapter(repo_id)` read it. A pull downloads only
+the adapter files into the Hugging Face cache (which never keeps partial files and works offline), validates
+them, and records them in the local registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapter import Adapter
+from .errors import (
+    AdapterNotFoundError,
+    AdapterRejectedError,
+    HubAccessError,
+    HubError,
+    HubUnreachableError,
+    LoraHubError,
+    NotAnAdapterRepoError,
+    NotCachedError,
+    RepoIdError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
+from .registry import Registry, RegistryEntry
+
+WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+CONFIG = "adapter_config.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}"
+                      r"[A-Za-z0-9])?$")
+_READ_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What `push` made: the repository, its URL, the commit and the branch it is on."""
+
+    repo_id: str
+    url: str
+    commit: str
+    revision: str
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it is `namespace/name` with safe parts (no '..', no slashes beyond the one).
+
+    Raises:
+        RepoIdError: Otherwise.
+    """
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise RepoIdError(f"{repo_id!r} is not a repository id: use namespace/name (letters, digits, '-', '_', '.'; "
+                          "no '..')")
+    return repo_id
+
+
+def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, private: bool = False,
+         token: str | None = None, endpoint: str | None = None, branch: str | None = None,
+         commit_message: str | None = None, allow_pickle: bool = False, **convert_options: Any) -> PushResult:
+    """Pushes an adapter as one commit: adapter_model.safetensors (the lora-hub file), adapter_config.json (PEFT's
+    config), and a model card README.md.
+
+    Args:
+        adapter_or_path: An Adapter, or any adapter `convert_adapter` reads (lora-hub file, PEFT folder, ...).
+        repo_id: `namespace/name`; created if it does not exist (`private` applies then).
+        token: A write token; by default huggingface_hub's (HF_TOKEN, then the saved login).
+        endpoint: The Hub URL; by default huggingface_hub's (HF_ENDPOINT, else huggingface.co).
+        branch: The branch to commit to, created from main if needed; default main.
+
+    Raises:
+        AdapterRejectedError: The adapter fails validation (nothing is pushed).
+        HubAccessError, RepoNotFoundError, HubUnreachableError, HubError: The Hub refused or was unreachable.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .convert import convert_adapter, to_peft
+    from .validate import validate
+
+    check_repo_id(repo_id)
+    adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else \
+        convert_adapter(adapter_or_path, allow_pickle=allow_pickle, **convert_options)
+    with tempfile.TemporaryDirectory(prefix="lora-hub-push-") as folder:
+        to_peft(adapter, folder)
+        report = validate(Path(folder) / WEIGHTS, level="full")
+        if not report.ok:
+            raise AdapterRejectedError(f"the adapter fails validation ({', '.join(f.code for f in report.errors)}); "
+                                       "nothing was pushed", findings=report.errors,
+                                       path=getattr(adapter, "source", None))
+        (Path(folder) / "README.md").write_text(model_card(adapter, repo_id), encoding="utf-8")
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name))
+                      for name in (WEIGHTS, CONFIG, "README.md")]
+        with _hub(repo_id, endpoint):
+            api = HfApi(endpoint=endpoint, token=token)
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch:
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            info = api.create_commit(repo_id, operations, commit_message=commit_message or "Upload adapter with "
+                                     "lora-hub", revision=branch)
+    return PushResult(repo_id, str(repo_url), info.oid, branch or "main")
+
+
+def pull(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
+         force: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+         registry: Registry | None = None) -> Path:
+    """Downloads an adapter repository's adapter files into the Hugging Face cache, validates them, and records
+    them in the registry under `repo_id` (or `repo_id@revision`).
+
+    Works offline from the cache (HF_HUB_OFFLINE=1). Reads repositories pushed by lora-hub and plain PEFT ones;
+    a legacy adapter_model.bin is downloaded only when there is no safetensors file (and never unpickled here).
+
+    Returns:
+        The adapter: the lora-hub file, or the snapshot folder for a PEFT adapter.
+
+    Raises:
+        AdapterRejectedError: The adapter fails validation (unless `force`: then it is registered, flagged invalid).
+        RepoNotFoundError, RevisionNotFoundError, NotAnAdapterRepoError, NotCachedError, HubUnreachableError.
+    """
+    from huggingface_hub import snapshot_download
+
+    from .validate import validate
+
+    check_repo_id(repo_id)
+    registry = registry if registry is not None else Registry()
+    options = {"repo_id": repo_id, "revision": revision, "token": token, "endpoint": endpoint,
+               "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None}
+    with _hub(repo_id, endpoint, revision):
+        snapshot = Path(snapshot_download(allow_patterns=[WEIGHTS, CONFIG], **options))
+        if not (snapshot / WEIGHTS).is_file():
+            snapshot = Path(snapshot_download(allow_patterns=[LEGACY_WEIGHTS, CONFIG], **options))
+    weights = next((snapshot / n for n in (WEIGHTS, LEGACY_WEIGHTS) if (snapshot / n).is_file()), None)
+    if weights is None:
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        raise NotAnAdapterRepoError(f"{where} holds no {WEIGHTS} or {LEGACY_WEIGHTS}: it is not an adapter "
+                                    "repository (check the id and revision)")
+    target = weights if weights.suffix == ".safetensors" and _is_lora_hub(weights) else snapshot
+    report = validate(target, level="full")
+    codes = [f.code for f in report.errors]
+    if codes and not force:
+        raise AdapterRejectedError(f"the adapter from {repo_id} fails validation ({', '.join(codes)}); it was not "
+                                   "registered. Run `lora-hub validate` on it, or pull with force=True (--force) to "
+                                   "keep it flagged as invalid", findings=report.errors, path=target)
+    registry.record(_entry(repo_id, revision, snapshot.name, target, weights, endpoint, codes))
+    return target
+
+
+def locate(source: str | os.PathLike[str], *, registry: Registry | None = None, **pull_options: Any) -> Path:
+    """The adapter that `source` names: an existing path, else a registry name, else a Hub repo id (pulled).
+
+    Raises:
+        AdapterNotFoundError: None of them.
+    """
+    path = Path(source)
+    if path.exists():
+        return path
+    registry = registry if registry is not None else Registry()
+    name = os.fspath(source)
+    if name in registry:
+        return registry.resolve(name)
+    repo_id, _, revision = name.partition("@")
+    if _REPO_ID.match(repo_id) and ".." not in repo_id:
+        return pull(repo_id, revision=revision or None, registry=registry, **pull_options)
+    raise AdapterNotFoundError(f"{name!r} is neither a file or folder, nor a registry name, nor a Hub repository "
+                               "id (namespace/name)")
+
+
+def remove(name: str, *, from_cache: bool = False, registry: Registry | None = None) -> RegistryEntry:
+    """Removes a registry entry and, with `from_cache`, its revision from the Hugging Face cache (unless another
+    entry still uses that revision)."""
+    from huggingface_hub import scan_cache_dir
+
+    registry = registry if registry is not None else Registry()
+    entry = registry.remove(name)
+    if from_cache and entry.commit_sha:
+        shared = any(e.commit_sha == entry.commit_sha and e.repo_id == entry.repo_id for e in registry.list())
+        repo_folder = next((p for p in Path(entry.path).parents if p.name.startswith("models--")), None)
+        if not shared and repo_folder is not None and repo_folder.exists():
+            scan_cache_dir(repo_folder.parent).delete_revisions(entry.commit_sha).execute()
+    return entry
+
+
+def model_card(adapter: Adapter, repo_id: str) -> str:
+    """The README.md of a pushed adapter: YAML front matter for the Hub, a summary, and usage snippets."""
+    config = adapter.config
+    base = config.base_model.name if config.base_model and config.base_model.name else None
+    tags = ["lora", "lora-hub", "peft", *[t for t in config.tags if t not in ("lora", "lora-hub", "peft")]]
+    front = ["---"]
+    if base:
+        front.append(f"base_model: {_yaml_string(base)}")
+    front.append("library_name: peft")
+    if config.license:
+        front.append(f"license: {_yaml_string(config.license)}")
+    front.append("tags:")
+    front += [f"- {_yaml_string(t)}" for t in tags]
+    front.append("---")
+    ranks = sorted({s.r for s in config.modules.values()})
+    targets = sorted({m.rsplit(".", 1)[-1] for m in config.modules})
+    title = config.name or repo_id.split("/")[1]
+    lines = [
+        *front, "", f"# {title}", "",
+        config.description or "A LoRA adapter in the lora-hub format, which is also a PEFT adapter.", "",
+        "| | |", "|---|---|",
+        f"| base model | {base or 'not declared'} |",
+        f"| modules | {len(config.modules)} ({', '.join(targets)}) |",
+        f"| rank | {', '.join(map(str, ranks))} |",
+        f"| task | {config.task_type or 'not declared'} |", "",
+        "## Usage", "",
+        "With lora-hub (switch, stack and merge adapters at run time):", "",
+        "```python", "import lora_hub", "", "runtime = lora_hub.attach(model)",
+        f'runtime.load("adapter", "{repo_id}")', 'runtime.use("adapter")', "```", "",
+        "or from the command line: `lora-hub pull " + repo_id + " && lora-hub apply --prompt \"...\"`.", "",
+        "With PEFT:", "", "```python", "from peft import PeftModel", "",
+        f'model = PeftModel.from_pretrained(base_model, "{repo_id}")', "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _yaml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _is_lora_hub(path: Path) -> bool:
+    from .format import read_safetensors_header
+
+    try:
+        return "lora_hub.config" in read_safetensors_header(path).metadata
+    except LoraHubError:
+        return False
+
+
+def _entry(repo_id: str, revision: str | None, commit: str, target: Path, weights: Path, endpoint: str | None,
+           codes: list[str]) -> RegistryEntry:
+    from .summary import summarize
+
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    ranks: list[int] = []
+    targets: list[str] = []
+    base = None
+    if not codes:
+        summary = summarize(target)
+        ranks = sorted({g.r for g in summary.groups})
+        targets = sorted(summary.targets)
+        base = (summary.base_model or {}).get("name")
+    return RegistryEntry(name=f"{repo_id}@{revision}" if revision else repo_id, path=str(target), repo_id=repo_id,
+                         revision=revision, commit_sha=commit, sha256=digest.hexdigest(), base_model=base,
+                         ranks=ranks, targets=targets, size=weights.stat().st_size, source=_endpoint(endpoint),
+                         valid=not codes, findings=codes)
+
+
+def _endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or constants.ENDPOINT).rstrip("/")
+
+
+@contextmanager
+def _hub(repo_id: str, endpoint: str | None, revision: str | None = None) -> Iterator[None]:
+    """Maps huggingface_hub's exceptions to lora-hub's, and keeps transfers off Xet and telemetry off for endpoints
+    other than the public Hub."""
+    import httpx2
+    from huggingface_hub import constants, errors
+
+    where = f"{repo_id} at {_endpoint(endpoint)}"
+    xet, telemetry = constants.HF_HUB_DISABLE_XET, constants.HF_HUB_DISABLE_TELEMETRY
+    if not _endpoint(endpoint).endswith("huggingface.co"):
+        # A Hub-compatible server speaks plain HTTP and LFS, and talking to it must not reach huggingface.co (the
+        # client's telemetry asks the public Hub for its agent list on the first request of a process).
+        constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_TELEMETRY = True
+    try:
+        yield
+    except errors.RevisionNotFoundError as e:
+        raise RevisionNotFoundError(f"{where} has no revision {revision!r}") from e
+    except errors.RepositoryNotFoundError as e:
+        raise RepoNotFoundError(f"repository {where} not found: check the id, or pass a token if it is "
+                                "private") from e
+    except errors.LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise NotCachedError(f"offline (HF_HUB_OFFLINE) and {where} is not in the local cache: pull it once "
+                                 "while online") from e
+        raise HubUnreachableError(f"cannot reach {where} and the cache does not hold it: {_first_line(e)}") from e
+    except errors.EntryNotFoundError as e:
+        raise NotAnAdapterRepoError(f"{where}: {_first_line(e)}") from e
+    except errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise HubAccessError(f"{where}: access denied ({status}): pass a token with the rights needed "
+                                 f"(token= or HF_TOKEN). {_first_line(e)}") from e
+        raise HubError(f"{where}: {_first_line(e)}") from e
+    except (httpx2.TransportError, OSError) as e:
+        if isinstance(e, LoraHubError):
+            raise
+        raise HubUnreachableError(f"the transfer from {where} failed: {e.__class__.__name__}: {e}. Retry: the "
+                                  "download resumes where it stopped") from e
+    finally:
+        constants.HF_HUB_DISABLE_XET, constants.HF_HUB_DISABLE_TELEMETRY = xet, telemetry
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
