@@ -270,6 +270,72 @@ def serve(root: str, host: str, port: int, user: str) -> None:
     run(root, host=host, port=port, ready=ready)
 
 
+class FloatList(click.ParamType):
+    """A comma-separated list of numbers, such as 0.7,0.3 or 1,-0.5."""
+
+    name = "numbers"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(part) for part in value.split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers (for example 0.7,0.3)", param, ctx)
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The combined lora-hub file.")
+@click.option("--weights", type=FloatList(), help="One weight per adapter, e.g. 0.7,0.3 (default: all 1).")
+@click.option("--method", default="cat", show_default=True, metavar="|".join(lora_hub.METHODS),
+              help="How to combine: exact in delta space (cat, linear), low rank by SVD (svd, ties, dare_linear, "
+                   "dare_ties, magnitude_prune), or PEFT's A/B versions (*_ab).")
+@click.option("--rank", type=int, help="Rank of the result, for svd, ties, dare_* and magnitude_prune.")
+@click.option("--density", type=float, help="Fraction of values kept, in (0, 1], for ties, dare_*, magnitude_prune.")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+              help="TIES sign election.")
+@click.option("--seed", type=int, help="Seed of DARE's random drops (default: a fresh one, recorded in the file).")
+@click.option("--force", is_flag=True, help="Combine adapters that declare different base models.")
+def merge(adapters: tuple[str, ...], output: str, weights: list[float] | None, method: str, rank: int | None,
+          density: float | None, majority_sign: str, seed: int | None, force: bool) -> None:
+    """Combine ADAPTERS (files, PEFT folders, registry names or Hub ids) into one lora-hub file: one summary line
+    for what was done per module, and the energy kept by the SVD."""
+    reports: list[lora_hub.ModuleReport] = []
+    bars = []
+
+    def progress(report: lora_hub.ModuleReport) -> None:
+        reports.append(report)
+        if not bars:
+            bars.append(click.progressbar(length=report.total, label="combining",
+                                          file=click.get_text_stream("stderr")))
+        bars[0].update(1)
+        if report.done == report.total:
+            bars[0].render_finish()
+
+    start = time.perf_counter()
+    combined = lora_hub.combine(list(adapters), weights, method=method, rank=rank, density=density,
+                                majority_sign=majority_sign, seed=seed, force=force, on_module=progress)
+    path = lora_hub.save_adapter(combined, output)
+    provenance = combined.config.provenance
+    weights_text = ", ".join(f"{s['name']} x {s['weight']:g}" for s in provenance["sources"])
+    ranks = sorted({r.rank for r in reports})
+    click.echo(f"{method}: {weights_text} -> {path} ({_size(path.stat().st_size)}, "
+               f"{time.perf_counter() - start:.2f} s)")
+    shared = sum(r.sources > 1 for r in reports)
+    click.echo(f"{len(reports)} modules ({shared} in more than one adapter), rank "
+               f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}")
+    energies = [r for r in reports if r.energy is not None]
+    if energies:
+        worst = min(energies, key=lambda r: r.energy)
+        mean = sum(r.energy for r in energies) / len(energies)
+        lowrank = sum(r.lowrank for r in energies)
+        click.echo(f"energy kept by the SVD: mean {mean:.2%}, lowest {worst.energy:.2%} ({worst.module})"
+                   + (f"; {lowrank} large modules by randomized SVD" if lowrank else ""))
+    if provenance["parameters"].get("seed") is not None and method.startswith("dare"):
+        click.echo(f"seed {provenance['parameters']['seed']}")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -308,4 +374,4 @@ def demo(keep: str | None) -> None:
     click.echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
 
 
-ALL_COMMANDS = [inspect, convert, validate, apply, push, pull, list_, rm, serve, demo]
+ALL_COMMANDS = [inspect, convert, validate, apply, merge, push, pull, list_, rm, serve, demo]

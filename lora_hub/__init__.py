@@ -15,6 +15,9 @@ from .basemodel import BaseModelInfo as BaseModelInfo
 from .basemodel import LayerInfo as LayerInfo
 from .basemodel import describe_base as describe_base
 from .basemodel import fit_to_base as fit_to_base
+from .combine import METHODS as METHODS
+from .combine import ModuleReport as ModuleReport
+from .combine import combine as combine
 from .constants import FORMAT_VERSION as FORMAT_VERSION
 from .convert import Layout as Layout
 from .convert import convert_adapter as convert_adapter
@@ -28,6 +31,7 @@ from .errors import AdapterRejectedError as AdapterRejectedError
 from .errors import BaseModelError as BaseModelError
 from .errors import BaseModelMismatchError as BaseModelMismatchError
 from .errors import BufferHoleError as BufferHoleError
+from .errors import CombineError as CombineError
 from .errors import ConfigError as ConfigError
 from .errors import ConfigMissingError as ConfigMissingError
 from .errors import ConversionError as ConversionError
@@ -125,6 +129,7 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelRef",
     "BufferHoleError",
+    "CombineError",
     "ConfigError",
     "ConfigMissingError",
     "ConversionError",
@@ -147,9 +152,11 @@ __all__ = [
     "LimitExceededError",
     "LoraHubError",
     "LoraHubWarning",
+    "METHODS",
     "MetadataError",
     "MissingTensorError",
     "ModuleConflictError",
+    "ModuleReport",
     "ModuleSpec",
     "NotAnAdapterRepoError",
     "NotCachedError",
@@ -186,6 +193,7 @@ __all__ = [
     "__version__",
     "adapter_header",
     "attach",
+    "combine",
     "convert_adapter",
     "delta_weight",
     "describe_base",

@@ -183,6 +183,7 @@ class AdapterConfig:
     task: str | None = None
     tags: tuple[str, ...] = ()
     tensors_sha256: str | None = None
+    provenance: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", dict(sorted(self.modules.items())))
@@ -220,6 +221,8 @@ class AdapterConfig:
                 raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
         if not all(isinstance(t, str) for t in self.tags):
             raise ConfigError(f"tags must be a list of strings, got {list(self.tags)!r}")
+        if self.provenance is not None and not isinstance(self.provenance, Mapping):
+            raise ConfigError(f"provenance must be an object, got {_json_type(self.provenance)}")
 
     def lora_tensor_names(self, module: str) -> tuple[str, str]:
         """The names of a module's lora_A and lora_B tensors."""
@@ -238,7 +241,8 @@ class AdapterConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The config document; `provenance` appears only when the adapter has one (FORMAT.md, section 6)."""
+        out = {
             "base_model": self.base_model.to_dict() if self.base_model else None,
             "modules": {name: spec.to_dict() for name, spec in self.modules.items()},
             "modules_to_save": list(self.modules_to_save),
@@ -250,6 +254,9 @@ class AdapterConfig:
             "tags": list(self.tags),
             "tensors_sha256": self.tensors_sha256,
         }
+        if self.provenance is not None:
+            out["provenance"] = dict(self.provenance)
+        return out
 
     def to_json(self) -> str:
         """The canonical JSON text (FORMAT.md, "Canonical JSON")."""
@@ -294,6 +301,7 @@ class AdapterConfig:
             task=data.get("task"),
             tags=tuple(data.get("tags", [])),
             tensors_sha256=data.get("tensors_sha256"),
+            provenance=data.get("provenance"),
         )
 
 

@@ -292,6 +292,16 @@ class RuntimeStateError(LoraHubError, RuntimeError):
     code = "RUNTIME_STATE"
 
 
+# --- Combination -----------------------------------------------------------------------------------------------------
+
+
+class CombineError(LoraHubError, ValueError):
+    """A combination that is not possible: an unknown method, a weight count that does not match, a density outside
+    (0, 1], a rank below 1, unequal ranks for an A/B method, adapters that disagree on a module's shape."""
+
+    code = "COMBINE_INVALID"
+
+
 # --- Hub and registry ------------------------------------------------------------------------------------------------
 
 

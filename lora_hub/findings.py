@@ -94,6 +94,8 @@ CATALOGUE: dict[str, Code] = {
     "BASE_MISMATCH": Code(ERR, "The adapter does not fit the base model.", "Use the adapter's own base model."),
     "RUNTIME_STATE": Code(ERR, "The runtime's state does not allow the operation (an unknown adapter, switching "
                                   "while merged, a detached runtime).", "See the message; unmerge() before use()."),
+    "COMBINE_INVALID": Code(ERR, "The adapters cannot be combined as asked (method, weights, density, rank, or "
+                                 "sources that disagree on a module).", "See the message."),
     "HUB_ERROR": Code(ERR, "The Hub or Hub-compatible server answered with an error.", "See the message."),
     "HUB_REPO_ID_INVALID": Code(ERR, "A repository id that is not namespace/name with safe characters.",
                                 "Use namespace/name: letters, digits, '-', '_' and '.'."),

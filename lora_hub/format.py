@@ -214,7 +214,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bo
 
     index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in adapter.tensors.items()}
     check_tensor_index(adapter.config, index)
-    order = sorted(index, key=lambda name: (-C.DTYPES[index[name][0]][0], name))
+    order = _buffer_order(index)
     payload = [tensor_bytes(adapter.tensors[name]) for name in order]
     digest = hashlib.sha256()
     entries: dict[str, Any] = {}
@@ -229,13 +229,30 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bo
     return atomic_write(path, [struct.pack("<Q", len(header)), header, *payload])
 
 
+def tensors_digest(adapter: Adapter) -> str:
+    """The sha256 of the adapter's tensor bytes in canonical buffer order: the `tensors_sha256` that `save_adapter`
+    records, computed one tensor at a time."""
+    from .tensors import dtype_name, tensor_bytes
+
+    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in adapter.tensors.items()}
+    digest = hashlib.sha256()
+    for name in _buffer_order(index):
+        digest.update(tensor_bytes(adapter.tensors[name]))
+    return digest.hexdigest()
+
+
+def _buffer_order(index: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+    """Canonical order of the buffer: by dtype alignment, largest first, then by name."""
+    return sorted(index, key=lambda name: (-C.DTYPES[index[name][0]][0], name))
+
+
 def is_canonical(header: AdapterHeader) -> bool:
     """Whether the file's header is byte for byte what `save_adapter` writes for the same content (FORMAT.md,
     "Canonical writer"): tensor order, offsets, metadata, canonical JSON and padding."""
     infos = header.tensors
     entries: dict[str, Any] = {}
     offset = 0
-    for name in sorted(infos, key=lambda n: (-C.DTYPES[infos[n].dtype][0], n)):
+    for name in _buffer_order({n: (info.dtype, info.shape) for n, info in infos.items()}):
         info = infos[name]
         if info.begin != offset:
             return False

@@ -275,3 +275,53 @@ def test_push_pull_list_apply_rm_against_the_server(run, hub, llama_adapter: Pat
     assert not path.exists() and run("list").stdout.startswith("no adapters")
     again = run("rm", "alice/cli-adapter")
     assert again.exit_code == 1 and "[NOT_IN_REGISTRY]" in again.output
+
+
+def test_merge_combines_and_reports(run, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    a = random_peft_adapter(model, tmp_path / "sql", seed=1, r=4)
+    b = random_peft_adapter(model, tmp_path / "chat", seed=2, r=8)
+    out = tmp_path / "mix.safetensors"
+    result = run("merge", a, b, "--weights", "0.7,0.3", "--method", "svd", "--rank", "4", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"svd: sql x 0.7, chat x 0.3 -> {out}")
+    assert "14 modules (14 in more than one adapter), rank 4" in result.stdout
+    assert "energy kept by the SVD: mean" in result.stdout
+    expected = lora_hub.combine([a, b], [0.7, 0.3], method="svd", rank=4)
+    written = lora_hub.load_adapter(out)
+    assert all(torch.equal(written.tensors[k], expected.tensors[k]) for k in expected.tensors)
+    assert written.config.provenance["sources"][1] == {"name": "chat", "weight": 0.3,
+                                                       "sha256": expected.config.provenance["sources"][1]["sha256"]}
+
+    seeded = run("merge", a, b, "--method", "dare_linear", "--density", "0.5", "--seed", "3", "-o", out)
+    assert seeded.exit_code == 0 and "seed 3" in seeded.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--weights", "0.7"], "[COMBINE_INVALID]: 1 weight(s) for 2 adapter(s)"),
+    (["--method", "ties", "--density", "1.5"], "[COMBINE_INVALID]: density must be in (0, 1]"),
+    (["--method", "ties", "--density", "0"], "[COMBINE_INVALID]: density must be in (0, 1]"),
+    (["--method", "svd", "--rank", "0"], "[COMBINE_INVALID]: rank must be an integer >= 1"),
+    (["--method", "bogus"], "[COMBINE_INVALID]: unknown combination method 'bogus'"),
+])
+def test_merge_refuses_bad_input_and_writes_nothing(run, tmp_path: Path, args: list[str], message: str) -> None:
+    a = lora_hub.save_adapter(random_adapter(1, with_head=False), tmp_path / "a.safetensors")
+    b = lora_hub.save_adapter(random_adapter(2, with_head=False), tmp_path / "b.safetensors")
+    result = run("merge", a, b, *args, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_merge_refuses_non_adapters_and_mismatched_bases(run, tmp_path: Path) -> None:
+    a = lora_hub.save_adapter(random_adapter(1, with_head=False), tmp_path / "a.safetensors")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an adapter")
+    result = run("merge", a, text, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and "notes.txt" in result.output
+    other = random_adapter(2, with_head=False)
+    other = other.with_config(base_model=lora_hub.BaseModelRef(name="tiny/other", model_type="llama"))
+    b = lora_hub.save_adapter(other, tmp_path / "b.safetensors")
+    mismatch = run("merge", a, b, "-o", tmp_path / "out.safetensors")
+    assert mismatch.exit_code == 1 and "[BASE_MISMATCH]" in mismatch.output and "--force" in mismatch.output
+    assert not (tmp_path / "out.safetensors").exists()
+    assert run("merge", a, b, "--force", "-o", tmp_path / "out.safetensors").exit_code == 0
