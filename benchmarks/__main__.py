@@ -6,10 +6,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from . import runtime, validation
+from . import combination, runtime, validation
 from .harness import machine, print_table, write_json
 
-SUITES = {"validate": validation.run, "runtime": runtime.run}
+SUITES = {"validate": validation.run, "runtime": runtime.run, "combine": combination.run}
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Run time, side by side with PEFT on the same model and the same adapter files: file -> adapter active, a second
 adapter, switching, replacing from disk, forward overhead unmerged and merged, mixed batches, merge and unmerge,
-int8 drift after 100 cycles, and the memory one adapter adds.
+int8 drift after 100 cycles, the memory one adapter adds, and a scenario with 8 resident adapters.
 
-The full run uses the issue's 168M-parameter Llama (hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab
-32000; r=16 on q, k, v, o, gate, up, down) in fp32 and 8-bit on the CPU; --quick uses the tiny Llama.
+The full run uses a 168M-parameter Llama (hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab 32000; r=16 on
+q, k, v, o, gate, up, down) in fp32 and 8-bit, and a GPT-2-small shape (Conv1D layers, fan_in_fan_out; r=16 on
+c_attn, c_proj, c_fc) in fp32, on the CPU; --quick uses the tiny models.
 """
 
 from __future__ import annotations
@@ -18,36 +19,59 @@ from .harness import Row, interleaved_timings, peak_memory_added, timed
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_168M = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
                   intermediate_size=2816, vocab_size=32000, max_position_embeddings=512)
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
 
 
-def run(workdir: Path, *, quick: bool) -> list[Row]:
+def adapters(kind: str, workdir: Path, names: str, *, quick: bool) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """The base model folder and, for each name, a random r=16 PEFT adapter and its lora-hub file."""
     import lora_hub
     from lora_hub.testing import random_peft_adapter, save_tiny_model, tiny_model
 
+    overrides = {} if quick else (LLAMA_168M if kind == "llama" else GPT2_SMALL)
+    targets = TARGETS if kind == "llama" else GPT2_TARGETS
+    base_dir = workdir / f"base-{kind}"
+    if not base_dir.exists():
+        save_tiny_model(kind, base_dir, **overrides)
+    model = tiny_model(kind, **overrides)
+    peft_dirs, files = {}, {}
+    for name in names:
+        peft_dirs[name] = workdir / f"peft-{kind}-{name}"
+        files[name] = workdir / f"{kind}-{name}.safetensors"
+        if not files[name].exists():
+            random_peft_adapter(model, peft_dirs[name], seed=ord(name), r=16, lora_alpha=32, target_modules=targets,
+                                fan_in_fan_out=kind == "gpt2")
+            lora_hub.save_adapter(lora_hub.convert_adapter(peft_dirs[name], base=base_dir), files[name])
+    return base_dir, peft_dirs, files
+
+
+def quiet() -> None:
     warnings.filterwarnings("ignore")
     torch.set_grad_enabled(False)
     # Random adapters push activations into denormal floats, which x86 CPUs compute slowly; the weights of a merged
     # random adapter then time 10-20% slower than the base for numeric, not structural, reasons. Flushing denormals
     # (as CPU inference deployments do) measures the compute itself, for lora-hub and PEFT alike.
     torch.set_flush_denormal(True)
-    overrides = {} if quick else LLAMA_168M
-    base_dir = save_tiny_model("llama", workdir / "base", **overrides)
-    peft_dirs, files = {}, {}
-    for index, name in enumerate("abcd"):
-        peft_dirs[name] = random_peft_adapter(tiny_model("llama", **overrides), workdir / f"peft-{name}",
-                                              seed=index, r=16, lora_alpha=32, target_modules=TARGETS)
-        files[name] = lora_hub.save_adapter(lora_hub.convert_adapter(peft_dirs[name], base=base_dir),
-                                            workdir / f"{name}.safetensors")
+
+
+def run(workdir: Path, *, quick: bool) -> list[Row]:
+    quiet()
     repeats = 3 if quick else 5
     rows = []
-    for precision in ("fp32", "int8"):
-        def load_model(precision=precision):
-            return _load(base_dir, precision)
+    for kind, precisions in (("llama", ("fp32", "int8")), ("gpt2", ("fp32",))):
+        base_dir, peft_dirs, files = adapters(kind, workdir, "abcd", quick=quick)
+        for precision in precisions:
+            def load_model(precision=precision, base_dir=base_dir):
+                return _load(base_dir, precision)
 
-        rows += _loading(load_model, peft_dirs, files, precision, repeats)
-        rows += _forward(load_model, peft_dirs, files, precision, repeats, quick)
-        rows += _merging(load_model, peft_dirs, files, precision, repeats, quick)
-    rows += _memory(base_dir, peft_dirs, files)
+            label = f"{kind}, {precision}"
+            rows += _loading(load_model, peft_dirs, files, label, repeats)
+            rows += _forward(load_model, peft_dirs, files, label, repeats, quick)
+            rows += _merging(load_model, peft_dirs, files, label, precision, repeats, quick)
+        if kind == "llama":
+            rows += _memory(base_dir, peft_dirs, files)
+    base_dir, peft_dirs, files = adapters("llama", workdir, "abcdefgh", quick=quick)
+    rows += _eight(lambda: _load(base_dir, "fp32"), peft_dirs, files, repeats)
     return rows
 
 
@@ -58,7 +82,7 @@ def _load(base_dir: Path, precision: str):
     return AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu", **options).eval()
 
 
-def _loading(load_model, peft_dirs, files, precision: str, repeats: int) -> list[Row]:
+def _loading(load_model, peft_dirs, files, label: str, repeats: int) -> list[Row]:
     from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter
 
@@ -127,7 +151,7 @@ def _loading(load_model, peft_dirs, files, precision: str, repeats: int) -> list
         return timed(lambda: hotswap_adapter(wrapped, str(peft_dirs[swap["peft"]]), adapter_name="a"))
 
     replace = interleaved_timings([ours_replace, peft_replace], repeats=repeats)
-    label = f"({precision})"
+    label = f"({label})"
     return [
         Row("runtime", f"file -> adapter active {label}", first[0] * 1000, "ms", first[1] * 1000,
             "PeftModel.from_pretrained"),
@@ -140,7 +164,7 @@ def _loading(load_model, peft_dirs, files, precision: str, repeats: int) -> list
     ]
 
 
-def _forward(load_model, peft_dirs, files, precision: str, repeats: int, quick: bool) -> list[Row]:
+def _forward(load_model, peft_dirs, files, label: str, repeats: int, quick: bool) -> list[Row]:
     from peft import PeftModel
 
     import lora_hub
@@ -160,7 +184,7 @@ def _forward(load_model, peft_dirs, files, precision: str, repeats: int, quick: 
         tokens = torch.randint(0, vocab, (batch, 128), generator=torch.Generator().manual_seed(batch))
         times = interleaved_timings([lambda t=tokens: timed(lambda: base(t)), lambda t=tokens: timed(
             lambda: ours_model(t)), lambda t=tokens: timed(lambda: wrapped(t))], repeats=repeats)
-        rows.append(Row("runtime", f"forward overhead over base, {batch}x128 ({precision})", times[1] / times[0],
+        rows.append(Row("runtime", f"forward overhead over base, {batch}x128 ({label})", times[1] / times[0],
                         "x base", times[2] / times[0], "PeftModel"))
     tokens = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(4))
     plan = list("abcd")
@@ -171,18 +195,18 @@ def _forward(load_model, peft_dirs, files, precision: str, repeats: int, quick: 
 
     mixed = interleaved_timings([ours_mixed, lambda: timed(lambda: wrapped(tokens, adapter_names=plan))],
                                 repeats=repeats)
-    rows.append(Row("runtime", f"mixed batch, 4 adapters x 128 ({precision})", mixed[0] * 1000, "ms",
+    rows.append(Row("runtime", f"mixed batch, 4 adapters x 128 ({label})", mixed[0] * 1000, "ms",
                     mixed[1] * 1000, "adapter_names="))
     tokens = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(1))
     runtime.merge("a")
     merged = interleaved_timings([lambda: timed(lambda: base(tokens)), lambda: timed(lambda: ours_model(tokens))],
                                  repeats=repeats)
     runtime.unmerge()
-    rows.append(Row("runtime", f"merged forward over base, 1x128 ({precision})", merged[1] / merged[0], "x base"))
+    rows.append(Row("runtime", f"merged forward over base, 1x128 ({label})", merged[1] / merged[0], "x base"))
     return rows
 
 
-def _merging(load_model, peft_dirs, files, precision: str, repeats: int, quick: bool) -> list[Row]:
+def _merging(load_model, peft_dirs, files, label: str, precision: str, repeats: int, quick: bool) -> list[Row]:
     from peft import PeftModel
 
     import lora_hub
@@ -213,8 +237,8 @@ def _merging(load_model, peft_dirs, files, precision: str, repeats: int, quick: 
 
     merge = interleaved_timings([ours_merge, peft_merge], repeats=repeats)
     unmerge = interleaved_timings([ours_unmerge, peft_unmerge], repeats=repeats)
-    rows = [Row("runtime", f"merge ({precision})", merge[0] * 1000, "ms", merge[1] * 1000, "merge_adapter"),
-            Row("runtime", f"unmerge ({precision})", unmerge[0] * 1000, "ms", unmerge[1] * 1000, "unmerge_adapter")]
+    rows = [Row("runtime", f"merge ({label})", merge[0] * 1000, "ms", merge[1] * 1000, "merge_adapter"),
+            Row("runtime", f"unmerge ({label})", unmerge[0] * 1000, "ms", unmerge[1] * 1000, "unmerge_adapter")]
     if precision == "int8":
         cycles = 10 if quick else 100
         ours_before, peft_before = _dense(ours_model), _dense(peft_model)
@@ -258,3 +282,72 @@ def _memory(base_dir: Path, peft_dirs, files) -> list[Row]:
     theirs = peak_memory_added(f"m = peft.PeftModel.from_pretrained(model, {str(peft_dirs['a'])!r})", setup=setup)
     return [Row("runtime", f"peak memory added by one adapter ({size / 2**20:.1f} MB file)", ours / size,
                 "x file", theirs / size, "PeftModel.from_pretrained")]
+
+
+def _eight(load_model, peft_dirs, files, repeats: int) -> list[Row]:
+    """Eight adapters resident on one model: loading them all, switching among them, one batch of 8 rows each with
+    its own adapter."""
+    from peft import PeftModel
+
+    import lora_hub
+
+    names = sorted(files)
+    ours_model, peft_model = load_model(), load_model()
+
+    def ours_load() -> float:
+        holder = {}
+
+        def load_all():
+            runtime = holder["r"] = lora_hub.attach(ours_model)
+            for name in names:
+                runtime.load(name, files[name])
+
+        seconds = timed(load_all)
+        holder["r"].detach()
+        return seconds
+
+    def peft_load() -> float:
+        holder = {}
+
+        def load_all():
+            model = holder["m"] = PeftModel.from_pretrained(peft_model, peft_dirs[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(peft_dirs[name], adapter_name=name)
+
+        seconds = timed(load_all)
+        holder["m"].unload()
+        return seconds
+
+    load = interleaved_timings([ours_load, peft_load], repeats=repeats)
+    runtime = lora_hub.attach(ours_model)
+    wrapped = PeftModel.from_pretrained(peft_model, peft_dirs[names[0]], adapter_name=names[0])
+    for name in names:
+        runtime.load(name, files[name])
+        if name != names[0]:
+            wrapped.load_adapter(peft_dirs[name], adapter_name=name)
+    turn = {"ours": 0, "peft": 0}
+
+    def ours_switch() -> float:
+        turn["ours"] += 1
+        return timed(lambda: runtime.use(names[turn["ours"] % 8]))
+
+    def peft_switch() -> float:
+        turn["peft"] += 1
+        return timed(lambda: wrapped.set_adapter(names[turn["peft"] % 8]))
+
+    switch = interleaved_timings([ours_switch, peft_switch], repeats=repeats * 4)
+    tokens = torch.randint(0, ours_model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(8))
+
+    def ours_mixed() -> float:
+        with runtime.route(names):
+            return timed(lambda: ours_model(tokens))
+
+    mixed = interleaved_timings([ours_mixed, lambda: timed(lambda: wrapped(tokens, adapter_names=names))],
+                                repeats=repeats)
+    return [
+        Row("runtime", "8 adapters: load all (llama, fp32)", load[0] * 1000, "ms", load[1] * 1000,
+            "from_pretrained + load_adapter"),
+        Row("runtime", "8 adapters: switch (llama, fp32)", switch[0] * 1000, "ms", switch[1] * 1000, "set_adapter"),
+        Row("runtime", "8 adapters: mixed batch 8x128 (llama, fp32)", mixed[0] * 1000, "ms", mixed[1] * 1000,
+            "adapter_names="),
+    ]
