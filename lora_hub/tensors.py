@@ -2,21 +2,22 @@
 
 A `MappedTensors` maps the file once (copy-on-write, so writing to a tensor never touches the file) and creates each
 tensor on first access as a view of the mapping: nothing is read from disk until a page is touched, and moving a
-tensor to its device with `.to(device, dtype)` copies straight from the page cache.
+tensor to its device with `.to(device, dtype)` copies straight from the page cache. `read` goes one step further
+for tensors whose destination is already allocated in host memory: positioned reads put the bytes straight into it,
+one copy from the page cache, and a file cut short is detected instead of read as zeros.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from . import constants as C
 
 if TYPE_CHECKING:
-    import os
-
     import torch
 
     from .format import TensorInfo
@@ -52,6 +53,7 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
     """
 
     def __init__(self, path: str | os.PathLike[str], data_offset: int, infos: Mapping[str, TensorInfo]) -> None:
+        self._path = os.fspath(path)
         self._infos = infos
         self._data_offset = data_offset
         self._cache: dict[str, torch.Tensor] = {}
@@ -78,6 +80,60 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
         """Every tensor's shape, from the header."""
         return {name: info.shape for name, info in self._infos.items()}
 
+    def read(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reads tensors with positioned reads, never through the mapping (so a file cut short after its header
+        was read is an error, not zeros or a SIGBUS): each straight into its tensor in `into` where it fits as
+        stored (a contiguous host tensor of its dtype and shape), else into a new host tensor. One vectored read
+        per run of adjacent tensors, in file order.
+
+        Returns:
+            Name -> the tensor holding it: the one from `into` when it was used.
+
+        Raises:
+            FileTruncatedError: The file is shorter than when its header was read.
+        """
+        import torch
+
+        from .errors import FileTruncatedError
+
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            info = self._infos[name]
+            dtype = torch_dtype(info.dtype)
+            target = into.get(name)
+            if target is None or not (target.device.type == "cpu" and target.dtype == dtype
+                                      and target.shape == info.shape and target.is_contiguous()):
+                target = torch.empty(info.shape, dtype=dtype)
+            out[name] = target
+        if not out:
+            return out
+        if not hasattr(os, "preadv") or sys.byteorder != "little":  # then through the mapping after all
+            for name, target in out.items():
+                target.copy_(self[name])
+            return out
+        runs: list[list[str]] = []
+        for name in sorted(out, key=lambda n: self._infos[n].begin):
+            if runs and self._infos[runs[-1][-1]].end == self._infos[name].begin and len(runs[-1]) < _IOV_MAX:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            for run in runs:
+                views = [memoryview(out[n].numpy()).cast("B") for n in run if self._infos[n].nbytes]
+                offset = self._data_offset + self._infos[run[0]].begin
+                expected = sum(len(v) for v in views)
+                done = os.preadv(fd, views, offset) if views else 0
+                while 0 < done < expected:  # a short read (signals, huge runs): continue where it stopped
+                    views, done, expected, offset = _advance(views, done), 0, expected - done, offset + done
+                    done = os.preadv(fd, views, offset)
+                if done != expected:
+                    raise FileTruncatedError(f"the file ended while reading {run[0]}: it changed after its header "
+                                             "was read", path=self._path)
+        finally:
+            os.close(fd)
+        return out
+
     def _materialise(self, info: TensorInfo) -> torch.Tensor:
         import torch
 
@@ -92,6 +148,21 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
                 tensor = tensor.view(-1, C.DTYPES[info.dtype][0]).flip(-1).reshape(-1)
             return tensor.view(dtype).reshape(info.shape)
         return torch.frombuffer(self._map, dtype=dtype, count=info.numel, offset=start).reshape(info.shape)
+
+
+_IOV_MAX = 1024  # the POSIX minimum of IOV_MAX on Linux: buffers per vectored read
+
+
+def _advance(views: list[memoryview], count: int) -> list[memoryview]:
+    """The buffers left after `count` bytes were filled."""
+    out = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        out.append(view[count:])
+        count = 0
+    return out
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -4,6 +4,7 @@ Llama, GPT-2, BLOOM and OPT models in fp32, bf16, 8-bit and 4-bit."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import loralib
@@ -348,3 +349,19 @@ def test_unloading_while_another_adapter_is_merged(adapters) -> None:
     runtime.unmerge()
     assert runtime.active == {"a": 1.0}
     assert torch.equal(_logits(model), _peft("llama", adapters["llama"]["a"]))
+
+
+def test_lora_hub_files_are_read_in_place_and_a_file_cut_short_leaves_no_half_adapter(adapters, tmp_path) -> None:
+    model, runtime = _with_both("llama", adapters)
+    path = lora_hub.save_adapter(lora_hub.convert_adapter(adapters["llama"]["a"]), tmp_path / "a.safetensors")
+    runtime.load("a", path)  # replaced in place from the file: the factors are read straight into the slot
+    runtime.use("a")
+    torch.testing.assert_close(_logits(model), _peft("llama", adapters["llama"]["a"]), rtol=0, atol=0)
+    opened = lora_hub.load_adapter(path)  # header read and checked; then the file loses its tail
+    os.truncate(path, path.stat().st_size - 64)
+    with pytest.raises(lora_hub.FileTruncatedError, match="changed after its header was read"):
+        runtime.load("a", opened)
+    assert runtime.adapters == ["b"] and runtime.active is None
+    torch.testing.assert_close(_logits(model), _logits(tiny_model("llama")), rtol=0, atol=0)
+    runtime.use("b")
+    torch.testing.assert_close(_logits(model), _peft("llama", adapters["llama"]["b"]), rtol=0, atol=0)

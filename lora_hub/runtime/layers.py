@@ -164,23 +164,34 @@ class LoraLayer(nn.Module):
         self.scaling = self.scaling.index_select(0, index)
         self._scalings = [self._scalings[s] for s in slots]
 
-    def write(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-              enable_lora: tuple[bool, ...] | None) -> None:
-        """Copies one adapter's factors into `slot`, converting to this layer's device and dtype on the way (from
-        the memory-mapped file straight into the buffer)."""
-        rank, padded = lora_A.shape[0], self.lora_A.shape[1]
+    def destinations(self, slot: int, rank: int, enable_lora: tuple[bool, ...] | None):
+        """Views of `slot` that an adapter's lora_A and lora_B of rank `rank` can be read into as stored: lora_A's
+        rows always; lora_B only for a plain module of the padded rank (else it is rearranged, so None)."""
+        a = self.lora_A
+        b = self.lora_B[slot] if enable_lora is None and rank == a.shape[1] else None
+        return a[slot, :rank], b
+
+    def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
+              enable_lora: tuple[bool, ...] | None, *, rank: int) -> None:
+        """Copies one adapter's factors (rank `rank`) into `slot`, converting to this layer's device and dtype on
+        the way (from the memory-mapped file straight into the buffer). A factor given as None is already in
+        place (read into the views of `destinations`); the padding is zeroed either way."""
+        if lora_A is None and lora_B is None and enable_lora is None and rank == self.lora_A.shape[1]:
+            self.scaling[slot] = scaling  # read in place as stored: only the scaling is left
+            self._scalings[slot] = scaling
+            return
         a, b = self.lora_A[slot], self.lora_B[slot]
-        if enable_lora is None and rank == padded:
-            a.copy_(lora_A)
-            b.copy_(lora_B)
-        elif enable_lora is None:  # zero the padding only: a slot is overwritten, never cleared first
+        padded = a.shape[0]
+        if lora_A is not None:
             a[:rank].copy_(lora_A)
+        if rank < padded:  # zero the padding only: a slot is overwritten, never cleared first
             a[rank:].zero_()
-            b[:, :rank].copy_(lora_B)
-            b[:, rank:].zero_()
+        if enable_lora is None:
+            if lora_B is not None:
+                b[:, :rank].copy_(lora_B)
+            if rank < padded:
+                b[:, rank:].zero_()
         else:  # block-diagonal plain form: slice s of the output reads columns g*r..(g+1)*r
-            a[:rank].copy_(lora_A)
-            a[rank:].zero_()
             b.zero_()
             groups = sum(enable_lora)
             r, n = rank // groups, self.out_features // len(enable_lora)

@@ -165,12 +165,23 @@ class AdapterRuntime:
                                     f"max_rank={self._max_rank}; nothing was changed")
         slot = self._resident[name].slot if name in self._resident else self._free_slot()
         self._reserve(adapter)
-        for path, layer in self.layers.items():
-            spec = adapter.modules.get(path)
-            if spec is None:
+        try:
+            read = self._read(slot, adapter)
+            for path, layer in self.layers.items():
+                spec = adapter.modules.get(path)
+                if spec is None:
+                    layer.clear(slot)
+                    continue
+                a_name, b_name = adapter.config.lora_tensor_names(path)
+                a = read[a_name] if a_name in read else adapter.lora_A(path)
+                b = read[b_name] if b_name in read else adapter.lora_B(path)
+                layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
+        except BaseException:  # half-written (the file changed under us): the slot is emptied
+            for layer in self.layers.values():
                 layer.clear(slot)
-            else:
-                layer.write(slot, adapter.lora_A(path), adapter.lora_B(path), spec.scaling, spec.enable_lora)
+            if name in self._resident:  # an adapter being replaced is gone, not half there
+                self.unload(name)
+            raise
         replaced = self._load_replacements(slot, adapter)
         self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced)
         if self._active and name in self._active:
@@ -372,6 +383,22 @@ class AdapterRuntime:
         from ..hub import locate
 
         return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
+
+    def _read(self, slot: int, adapter: Adapter) -> dict[str, torch.Tensor | None]:
+        """The factors of a lora-hub file, read in one pass of positioned reads: straight into `slot` where they
+        fit as stored (then None: already in place), else into host tensors for LoraLayer.write to copy. Empty for
+        other sources, whose tensors are copied as they are."""
+        read = getattr(adapter.tensors, "read", None)
+        if read is None:
+            return {}
+        names, into = [], {}
+        for path, spec in adapter.modules.items():
+            a_name, b_name = adapter.config.lora_tensor_names(path)
+            names += (a_name, b_name)
+            into[a_name], b_view = self.layers[path].destinations(slot, spec.r * spec.groups, spec.enable_lora)
+            if b_view is not None:
+                into[b_name] = b_view
+        return {n: None if t is into.get(n) else t for n, t in read(names, into).items()}
 
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()
