@@ -134,6 +134,7 @@ def test_read_header_and_summarize_do_not_import_torch(tmp_path: Path) -> None:
     path = lora_hub.save_adapter(random_adapter(4), tmp_path / "a.safetensors")
     script = textwrap.dedent(f"""
         import sys, lora_hub
+        assert "huggingface_hub" not in sys.modules and "starlette" not in sys.modules, "import lora_hub is heavy"
         header = lora_hub.read_header({str(path)!r})
         summary = lora_hub.summarize({str(path)!r})
         assert summary.module_count == 3, summary
