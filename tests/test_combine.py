@@ -240,3 +240,56 @@ def test_different_base_models_are_refused_unless_forced(tmp_path: Path) -> None
     other = random_adapter(6, with_head=False, specs={"model.layers.0.self_attn.q_proj": shapes})
     with pytest.raises(CombineError, match="disagree on its shape"):
         lora_hub.combine([random_adapter(7, with_head=False), other], [1, 1], force=True)
+
+
+def test_large_modules_use_a_randomized_svd_that_keeps_what_the_full_one_keeps(tmp_path: Path, monkeypatch) -> None:
+    import importlib
+
+    combine_module = importlib.import_module("lora_hub.combine")  # the attribute lora_hub.combine is the function
+    dirs = _peft_dirs(tmp_path)[:2]
+    full_reports: list[lora_hub.ModuleReport] = []
+    full = lora_hub.combine(dirs, [1, 1], method="ties", density=0.5, rank=4, on_module=full_reports.append)
+    monkeypatch.setattr(combine_module, "LOWRANK_MIN_DIM", 32)  # treat the tiny model's modules as large
+    monkeypatch.setattr(combine_module, "LOWRANK_OVERSAMPLE", 24)
+    reports: list[lora_hub.ModuleReport] = []
+    fast = lora_hub.combine(dirs, [1, 1], method="ties", density=0.5, rank=4, on_module=reports.append)
+    assert all(r.lowrank for r in reports)
+    for ours, exact in zip(reports, full_reports, strict=True):
+        assert ours.energy == pytest.approx(exact.energy, abs=0.01)
+    for module in full.modules:
+        error = (fast.delta_weight(module) - full.delta_weight(module)).norm() / full.delta_weight(module).norm()
+        assert error < 0.1, module
+
+
+def test_same_targets_with_different_fingerprints_are_refused(tmp_path: Path) -> None:
+    source = lora_hub.convert_adapter(_peft_dirs(tmp_path)[0])
+    one = source.with_config(base_model=lora_hub.BaseModelRef(fingerprint="sha256:" + "1" * 64))
+    two = source.with_config(base_model=lora_hub.BaseModelRef(fingerprint="sha256:" + "2" * 64))
+    with pytest.raises(lora_hub.BaseModelMismatchError, match="fingerprints"):
+        lora_hub.combine([one, two], [1, 1])
+
+
+def test_memory_holds_one_module_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Four times the modules, about the same peak: the full deltas are made and dropped module by module. glibc
+    is told to map every large block separately, so that freed tensors leave the resident set (by default it keeps
+    them in a heap that fragments, which measures the allocator rather than what is alive)."""
+    from benchmarks.harness import peak_memory_added
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    small = [lora_hub.save_adapter(random_adapter(i, with_head=False), tmp_path / f"s{i}.safetensors")
+             for i in range(2)]
+    warm_up = f"lora_hub.combine({[str(f) for f in small]!r}, [1, 1], method='ties', density=0.5)"  # LAPACK etc.
+    peaks = {}
+    for layers in (4, 16):
+        model = tiny_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
+                           num_attention_heads=8, num_key_value_heads=8)
+        files = []
+        for i in range(2):
+            peft_dir = random_peft_adapter(model, tmp_path / f"l{layers}-{i}", seed=i, r=4,
+                                           target_modules=["up_proj", "down_proj"])
+            files.append(str(lora_hub.save_adapter(lora_hub.convert_adapter(peft_dir),
+                                                   tmp_path / f"l{layers}-{i}.safetensors")))
+        peaks[layers] = peak_memory_added(f"lora_hub.combine({files!r}, [1, 1], method='ties', density=0.5)",
+                                          setup=f"import torch, lora_hub\n{warm_up}")
+    # Holding every full delta would add 12 layers x 2 modules x 2 adapters x 2 MB = 96 MB for the larger one.
+    assert peaks[16] < peaks[4] * 1.25 + 8 * 2**20, {k: f"{v / 2**20:.1f} MB" for k, v in peaks.items()}
