@@ -100,6 +100,18 @@ def test_old_revisions_stay_resolvable(hub: Hub, base_dirs, tmp_path) -> None:
         lora_hub.pull("alice/history", revision="no-such-branch")
 
 
+def test_push_to_a_branch_leaves_main_alone(hub: Hub, base_dirs, tmp_path) -> None:
+    on_main = lora_hub.push(_adapter(tmp_path, base_dirs["llama"], seed=14), "alice/branches", token=hub.alice)
+    on_dev = lora_hub.push(_adapter(tmp_path, base_dirs["llama"], seed=15), "alice/branches", token=hub.alice,
+                           branch="dev")
+    assert on_dev.revision == "dev" and on_dev.commit != on_main.commit
+    assert Registry().list() == []
+    main, dev = lora_hub.pull("alice/branches"), lora_hub.pull("alice/branches", revision="dev")
+    assert Registry().get("alice/branches").commit_sha == on_main.commit
+    assert Registry().get("alice/branches@dev").commit_sha == on_dev.commit
+    assert _sha256(main) != _sha256(dev)
+
+
 def test_private_repositories_need_a_token_of_their_owner(hub: Hub, base_dirs, tmp_path) -> None:
     lora_hub.push(_adapter(tmp_path, base_dirs["llama"], seed=4), "alice/secret", private=True, token=hub.alice)
     with pytest.raises(hf_errors.RepositoryNotFoundError):

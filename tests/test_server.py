@@ -193,3 +193,24 @@ def test_concurrent_clients_commit_to_their_own_repositories(server) -> None:
         files = api.list_repo_files(f"dana/concurrent-{n}")
         assert {"f0.bin", "f1.bin", "f2.bin"} <= set(files)
         assert len(api.list_repo_commits(f"dana/concurrent-{n}")) == 4
+
+
+def test_paths_info_visibility_settings_and_repository_deletion(server) -> None:
+    handle, token = server
+    api = _api(server)
+    api.create_repo("dana/settings")
+    api.create_commit("dana/settings", [CommitOperationAdd("dir/a.txt", b"a"), CommitOperationAdd("b.bin", b"\0b")],
+                      commit_message="files")
+    infos = {info.path: info for info in api.get_paths_info("dana/settings", ["dir", "b.bin", "missing"])}
+    assert set(infos) == {"dir", "b.bin"} and infos["b.bin"].size == 2
+    anonymous = HfApi(endpoint=handle.url, token=False)
+    assert anonymous.model_info("dana/settings").private is False
+    api.update_repo_settings("dana/settings", private=True)
+    with pytest.raises(hf_errors.RepositoryNotFoundError):
+        anonymous.model_info("dana/settings")
+    assert api.model_info("dana/settings").private is True
+    api.delete_repo("dana/settings")
+    with pytest.raises(hf_errors.RepositoryNotFoundError):
+        api.model_info("dana/settings")
+    api.create_repo("dana/settings")  # the name is free again, and the new repository starts empty
+    assert api.list_repo_files("dana/settings") == []

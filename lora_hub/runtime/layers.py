@@ -174,8 +174,8 @@ class LoraLayer(nn.Module):
     def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
               enable_lora: tuple[bool, ...] | None, *, rank: int) -> None:
         """Copies one adapter's factors (rank `rank`) into `slot`, converting to this layer's device and dtype on
-        the way (from the memory-mapped file straight into the buffer). A factor given as None is already in
-        place (read into the views of `destinations`); the padding is zeroed either way."""
+        the way. A factor given as None is already in place (read into the views of `destinations`); the padding
+        is zeroed either way."""
         if lora_A is None and lora_B is None and enable_lora is None and rank == self.lora_A.shape[1]:
             self.scaling[slot] = scaling  # read in place as stored: only the scaling is left
             self._scalings[slot] = scaling

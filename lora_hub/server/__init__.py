@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .app import HubApp
 from .store import Store
@@ -48,7 +49,7 @@ def _server(root: str | os.PathLike[str], multipart_chunk_size: int | None):
 
 
 def serve(root: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8077,
-          multipart_chunk_size: int | None = None, ready=None) -> None:
+          multipart_chunk_size: int | None = None, ready: Callable[[str], None] | None = None) -> None:
     """Serves until interrupted. `ready(url)` is called once the socket listens (port 0 picks a free port)."""
     sock = _socket(host, port)
     server = _server(root, multipart_chunk_size)
@@ -61,10 +62,12 @@ def serve(root: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 
 
 @dataclass
 class RunningServer:
+    """A server started by `running`: its URL and root; `stop()` ends it."""
+
     url: str
     root: Path
     thread: threading.Thread
-    server: object
+    server: Any
 
     def stop(self) -> None:
         self.server.should_exit = True

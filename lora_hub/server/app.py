@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -260,9 +260,16 @@ class HubApp:
     async def paths_info(self, call: Call) -> Response:
         repo = self._repo(call)
         commit = self.store.resolve(repo, call.params["rev"])
-        form = await call.request.form()
+        body = await read_body(call.request)
+        if call.request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                paths = json.loads(body or b"{}").get("paths", [])
+            except (ValueError, AttributeError) as e:
+                raise StoreError(400, "the body must be a JSON object with a 'paths' list") from e
+        else:  # the client sends an urlencoded form
+            paths = parse_qs(body.decode("utf-8", "replace")).get("paths", [])
         out = []
-        for path in form.getlist("paths"):
+        for path in paths if isinstance(paths, list) else [paths]:
             path = str(path).strip("/")
             if path in commit.files:
                 out.append(_file_item(path, commit.files[path]))
@@ -542,12 +549,18 @@ def error(status: int, message: str, code: str | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_json(request: Request, *, allow_empty: bool = False) -> dict[str, Any]:
+async def read_body(request: Request) -> bytes:
+    """The whole body of a small request, refused past MAX_JSON_BYTES."""
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > MAX_JSON_BYTES:
             raise StoreError(413, f"request body over {MAX_JSON_BYTES} bytes")
+    return bytes(data)
+
+
+async def read_json(request: Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    data = await read_body(request)
     if not data and allow_empty:
         return {}
     try:
