@@ -439,9 +439,9 @@ def _merge(method: Method, tensors: list[torch.Tensor], weights: torch.Tensor, d
     if method.prune is not None and density < 1:
         if method.prune == "magnitude":
             tensors = [_magnitude_prune(t, density) for t in tensors]
-        else:
-            tensors = [torch.bernoulli(torch.full_like(t, density), generator=generator) * t / density
-                       for t in tensors]
+        else:  # drawn where the generator lives, so a seed gives the same masks whatever device computes
+            tensors = [torch.bernoulli(torch.full(t.shape, density, dtype=t.dtype, device=generator.device),
+                                       generator=generator).to(t.device) * t / density for t in tensors]
     stacked = torch.stack(tensors, dim=0)
     weighted = stacked * weights.view(weights.shape + (1,) * (stacked.dim() - 1))
     if not method.sign_election:
