@@ -41,6 +41,7 @@ CONFIG = "adapter_config.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}"
                       r"[A-Za-z0-9])?$")
 _READ_CHUNK = 4 * 1024 * 1024
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".npz", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def locate(source: str | os.PathLike[str], *, registry: Registry | None = None, 
     if name in registry:
         return registry.resolve(name)
     repo_id, _, revision = name.partition("@")
-    if _REPO_ID.match(repo_id) and ".." not in repo_id:
+    looks_like_a_file = repo_id.lower().endswith(_FILE_SUFFIXES)  # a mistyped path, not a Hub lookup
+    if _REPO_ID.match(repo_id) and ".." not in repo_id and not looks_like_a_file:
         return pull(repo_id, revision=revision or None, registry=registry, **pull_options)
     raise AdapterNotFoundError(f"{name!r} is neither a file or folder, nor a registry name, nor a Hub repository "
                                "id (namespace/name)")
