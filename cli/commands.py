@@ -355,14 +355,15 @@ def _count(n: int, noun: str) -> str:
 @click.command()
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep the demo's files in this folder.")
 def demo(keep: str | None) -> None:
-    """Tour lora-hub offline on a tiny model built from a config: convert, inspect, export, verify."""
+    """Tour lora-hub offline: an embedded Hub, a tiny model built from a config, two adapters converted, exported,
+    pushed, pulled and validated, then switched, stacked, routed and merged on the 8-bit base."""
     from transformers.utils import logging as transformers_logging
 
     from lora_hub.demo import run_demo
 
     if not debug_enabled():
         transformers_logging.disable_progress_bar()
-    click.echo("lora-hub demo: offline, tiny models built from configs, nothing downloaded")
+    click.echo("lora-hub demo: offline (an embedded Hub on 127.0.0.1), tiny models built from configs")
     total = 0.0
 
     def report(step) -> None:
