@@ -239,6 +239,8 @@ class LoraLayer(nn.Module):
             delta = self._lanes(h, *selection.lanes(device))
         else:
             delta = self._rows(h, *selection.rows(device))
+        if delta.dtype == result.dtype and not result.requires_grad:
+            return result.add_(delta)  # the base layer's fresh output, added to in place: no third tensor
         return (result + delta).to(result.dtype)  # one rounding when the path computes wider than the base
 
     def _lanes(self, h: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -248,7 +250,7 @@ class LoraLayer(nn.Module):
             # the tensor-indexed path below, whose inputs stay the same tensors across switches.
             slot = selection.lane_slots[0]
             coefficient = self._scalings[slot] * selection.lane_weights[0]
-            return F.linear(F.linear(h, self.lora_A[slot]), self.lora_B[slot]) * coefficient
+            return F.linear(F.linear(h, self.lora_A[slot]), self.lora_B[slot]).mul_(coefficient)
         a = self.lora_A.index_select(0, index)
         b = self.lora_B.index_select(0, index)
         coefficient = self.scaling.index_select(0, index) * weight
