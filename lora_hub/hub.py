@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter
 from .errors import (
@@ -34,6 +34,9 @@ from .errors import (
     RevisionNotFoundError,
 )
 from .registry import Registry, RegistryEntry
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
@@ -68,7 +71,8 @@ def check_repo_id(repo_id: str) -> str:
 
 def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, private: bool = False,
          token: str | None = None, endpoint: str | None = None, branch: str | None = None,
-         commit_message: str | None = None, allow_pickle: bool = False, **convert_options: Any) -> PushResult:
+         commit_message: str | None = None, api: HfApi | None = None, allow_pickle: bool = False,
+         **convert_options: Any) -> PushResult:
     """Pushes an adapter as one commit: adapter_model.safetensors (the lora-hub file), adapter_config.json (PEFT's
     config), and a model card README.md.
 
@@ -78,6 +82,7 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
         token: A write token; by default huggingface_hub's (HF_TOKEN, then the saved login).
         endpoint: The Hub URL; by default huggingface_hub's (HF_ENDPOINT, else huggingface.co).
         branch: The branch to commit to, created from main if needed; default main.
+        api: An HfApi to use (its endpoint and token) instead of one made from `endpoint` and `token`.
 
     Raises:
         AdapterRejectedError: The adapter fails validation (nothing is pushed).
@@ -101,8 +106,8 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
         (Path(folder) / "README.md").write_text(model_card(adapter, repo_id), encoding="utf-8")
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name))
                       for name in (WEIGHTS, CONFIG, "README.md")]
-        with _hub(repo_id, endpoint):
-            api = HfApi(endpoint=endpoint, token=token)
+        api = api if api is not None else HfApi(endpoint=endpoint, token=token)
+        with _hub(repo_id, api.endpoint):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -113,12 +118,13 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
 
 def pull(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
          force: bool = False, cache_dir: str | os.PathLike[str] | None = None,
-         registry: Registry | None = None) -> Path:
+         registry: Registry | None = None, api: HfApi | None = None) -> Path:
     """Downloads an adapter repository's adapter files into the Hugging Face cache, validates them, and records
     them in the registry under `repo_id` (or `repo_id@revision`).
 
     Works offline from the cache (HF_HUB_OFFLINE=1). Reads repositories pushed by lora-hub and plain PEFT ones;
     a legacy adapter_model.bin is downloaded only when there is no safetensors file (and never unpickled here).
+    `api` (an HfApi) may stand for `endpoint` and `token`; `registry` and `cache_dir` default to the user's.
 
     Returns:
         The adapter: the lora-hub file, or the snapshot folder for a PEFT adapter.
@@ -127,18 +133,19 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
         AdapterRejectedError: The adapter fails validation (unless `force`: then it is registered, flagged invalid).
         RepoNotFoundError, RevisionNotFoundError, NotAnAdapterRepoError, NotCachedError, HubUnreachableError.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi
 
     from .validate import validate
 
     check_repo_id(repo_id)
     registry = registry if registry is not None else Registry()
-    options = {"repo_id": repo_id, "revision": revision, "token": token, "endpoint": endpoint,
+    api = api if api is not None else HfApi(endpoint=endpoint, token=token)
+    options = {"revision": revision, "token": token,
                "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None}
-    with _hub(repo_id, endpoint, revision):
-        snapshot = Path(snapshot_download(allow_patterns=[WEIGHTS, CONFIG], **options))
+    with _hub(repo_id, api.endpoint, revision):
+        snapshot = Path(api.snapshot_download(repo_id, allow_patterns=[WEIGHTS, CONFIG], **options))
         if not (snapshot / WEIGHTS).is_file():
-            snapshot = Path(snapshot_download(allow_patterns=[LEGACY_WEIGHTS, CONFIG], **options))
+            snapshot = Path(api.snapshot_download(repo_id, allow_patterns=[LEGACY_WEIGHTS, CONFIG], **options))
     weights = next((snapshot / n for n in (WEIGHTS, LEGACY_WEIGHTS) if (snapshot / n).is_file()), None)
     if weights is None:
         where = f"{repo_id}@{revision}" if revision else repo_id
@@ -151,7 +158,7 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
         raise AdapterRejectedError(f"the adapter from {repo_id} fails validation ({', '.join(codes)}); it was not "
                                    "registered. Run `lora-hub validate` on it, or pull with force=True (--force) to "
                                    "keep it flagged as invalid", findings=report.errors, path=target)
-    registry.record(_entry(repo_id, revision, snapshot.name, target, weights, endpoint, codes))
+    registry.record(_entry(repo_id, revision, snapshot.name, target, weights, api.endpoint, codes))
     return target
 
 

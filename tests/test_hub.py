@@ -121,6 +121,7 @@ def test_private_repositories_need_a_token_of_their_owner(hub: Hub, base_dirs, t
     with pytest.raises(lora_hub.RepoNotFoundError):
         lora_hub.pull("alice/secret", token=hub.bob, cache_dir=tmp_path / "c3")
     assert lora_hub.pull("alice/secret", token=hub.alice_read, cache_dir=tmp_path / "c4").is_file()
+    assert lora_hub.pull("alice/secret", api=HfApi(token=hub.alice), cache_dir=tmp_path / "c5").is_file()
     with pytest.raises(lora_hub.HubAccessError):
         lora_hub.push(_adapter(tmp_path, base_dirs["llama"], seed=5), "alice/secret", token=hub.alice_read)
     with pytest.raises(lora_hub.HubAccessError):
