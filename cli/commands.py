@@ -210,8 +210,10 @@ def push(path: str, repo: str, private: bool, branch: str | None, message: str |
 def pull(repo: str, revision: str | None, force: bool, endpoint: str | None) -> None:
     """Download the adapter in the Hub repository REPO into the Hugging Face cache, validate it, and record it in
     the local registry. Offline (HF_HUB_OFFLINE=1) it is served from the cache."""
+    from lora_hub.hub import registry_name
+
     path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint)
-    entry = next(e for e in lora_hub.Registry().list() if e.path == str(path))
+    entry = lora_hub.Registry().get(registry_name(repo, revision))
     flag = "" if entry.valid else f"  INVALID ({', '.join(entry.findings)})"
     click.echo(f"{entry.name} @ {entry.commit_sha[:12]}: {_size(entry.size)}, rank {_ranks(entry)}, "
                f"base {entry.base_model or '?'}{flag}")

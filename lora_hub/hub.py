@@ -69,6 +69,11 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def registry_name(repo_id: str, revision: str | None = None) -> str:
+    """The name `pull` records a repository under: the repo id, with `@revision` when one was asked for."""
+    return f"{repo_id}@{revision}" if revision else repo_id
+
+
 def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, private: bool = False,
          token: str | None = None, endpoint: str | None = None, branch: str | None = None,
          commit_message: str | None = None, api: HfApi | None = None, allow_pickle: bool = False,
@@ -148,9 +153,8 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
             snapshot = Path(api.snapshot_download(repo_id, allow_patterns=[LEGACY_WEIGHTS, CONFIG], **options))
     weights = next((snapshot / n for n in (WEIGHTS, LEGACY_WEIGHTS) if (snapshot / n).is_file()), None)
     if weights is None:
-        where = f"{repo_id}@{revision}" if revision else repo_id
-        raise NotAnAdapterRepoError(f"{where} holds no {WEIGHTS} or {LEGACY_WEIGHTS}: it is not an adapter "
-                                    "repository (check the id and revision)")
+        raise NotAnAdapterRepoError(f"{registry_name(repo_id, revision)} holds no {WEIGHTS} or {LEGACY_WEIGHTS}: "
+                                    "it is not an adapter repository (check the id and revision)")
     target = weights if weights.suffix == ".safetensors" and _is_lora_hub(weights) else snapshot
     report = validate(target, level="full")
     codes = [f.code for f in report.errors]
@@ -263,7 +267,7 @@ def _entry(repo_id: str, revision: str | None, commit: str, target: Path, weight
         ranks = sorted({g.r for g in summary.groups})
         targets = sorted(summary.targets)
         base = (summary.base_model or {}).get("name")
-    return RegistryEntry(name=f"{repo_id}@{revision}" if revision else repo_id, path=str(target), repo_id=repo_id,
+    return RegistryEntry(name=registry_name(repo_id, revision), path=str(target), repo_id=repo_id,
                          revision=revision, commit_sha=commit, sha256=digest.hexdigest(), base_model=base,
                          ranks=ranks, targets=targets, size=weights.stat().st_size, source=_endpoint(endpoint),
                          valid=not codes, findings=codes)
