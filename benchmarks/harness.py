@@ -3,6 +3,7 @@ and versions a table was produced on, and the table itself."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -55,9 +56,16 @@ def interleaved_timings(runs: Sequence[Callable[[], float]], *, repeats: int, wa
 
 
 def timed(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+    """Seconds one call takes, with the cyclic garbage collector paused during the call, as timeit does: otherwise a
+    collection of the garbage that the previous measurement (often the other library's) left is timed as part of
+    this one."""
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        function()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
 
 
 def peak_memory_added(code: str, *, setup: str = "") -> int:
