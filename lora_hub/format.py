@@ -19,7 +19,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import constants as C
 from .adapter import Adapter, AdapterConfig, check_tensor_index
@@ -48,9 +48,9 @@ _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of the header: dtype name, shape, and its [begin, end) byte range in the buffer."""
+class TensorInfo(NamedTuple):
+    """One tensor of the header: dtype name, shape, and its [begin, end) byte range in the buffer. (A named tuple:
+    a header holds thousands, made and compared on every load.)"""
 
     dtype: str
     shape: tuple[int, ...]
