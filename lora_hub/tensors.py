@@ -9,11 +9,13 @@ one copy from the page cache, and a file cut short is detected instead of read a
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import constants as C
 
@@ -80,6 +82,11 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
         """Every tensor's shape, from the header."""
         return {name: info.shape for name, info in self._infos.items()}
 
+    @property
+    def layout(self) -> Mapping[str, TensorInfo]:
+        """Every tensor's dtype, shape and buffer range, from the header: what a `ReadPlan` is made for."""
+        return self._infos
+
     def read(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reads tensors with positioned reads, never through the mapping (so a file cut short after its header
         was read is an error, not zeros or a SIGBUS): each straight into its tensor in `into` where it fits as
@@ -92,47 +99,84 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
         Raises:
             FileTruncatedError: The file is shorter than when its header was read.
         """
+        plan = self.plan(names, into)
+        self.read_planned(plan)
+        return dict(plan.targets)
+
+    def plan(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> ReadPlan:
+        """Works out the reads of `read(names, into)` without reading: each tensor's destination (from `into`
+        where it fits as stored, else a new host tensor) and the vectored reads that fill them, split in two lanes
+        of about equal size when the reads are large and a second CPU can copy half."""
         import torch
 
-        from .errors import FileTruncatedError
-
-        out: dict[str, torch.Tensor] = {}
+        targets: dict[str, torch.Tensor] = {}
+        infos = self._infos
         for name in names:
-            info = self._infos[name]
+            info = infos[name]
             dtype = torch_dtype(info.dtype)
             target = into.get(name)
             if target is None or not (target.device.type == "cpu" and target.dtype == dtype
                                       and target.shape == info.shape and target.is_contiguous()):
                 target = torch.empty(info.shape, dtype=dtype)
-            out[name] = target
-        if not out:
-            return out
-        if not hasattr(os, "preadv") or sys.byteorder != "little":  # then through the mapping after all
-            for name, target in out.items():
+            targets[name] = target
+        if not _POSITIONED_READS:
+            return ReadPlan(infos, targets, ())
+        order = sorted((n for n in targets if infos[n].nbytes), key=lambda n: infos[n].begin)
+        total = sum(infos[n].nbytes for n in order)
+        lanes = [order]
+        if total >= _PARALLEL_BYTES and _usable_cpus() > 1:
+            sizes = itertools.accumulate(infos[n].nbytes for n in order)
+            half = next(i for i, done in enumerate(sizes, 1) if done * 2 >= total)
+            lanes = [order[:half], order[half:]]
+        return ReadPlan(infos, targets, tuple(tuple(_runs(lane, infos, targets)) for lane in lanes if lane))
+
+    def read_planned(self, plan: ReadPlan, *, parallel: bool = True) -> None:
+        """Carries out a plan made by `plan` on this file or on any file of the same layout: its second lane (if
+        any) in a background thread unless `parallel` is false.
+
+        Raises:
+            ValueError: The plan was made for another layout.
+            FileTruncatedError: The file is shorter than when its header was read.
+        """
+        if plan.layout is not self._infos and plan.layout != self._infos:
+            raise ValueError("the read plan was made for a file with another tensor layout")
+        if not _POSITIONED_READS:  # then through the mapping after all
+            for name, target in plan.targets.items():
                 target.copy_(self[name])
-            return out
-        runs: list[list[str]] = []
-        for name in sorted(out, key=lambda n: self._infos[n].begin):
-            if runs and self._infos[runs[-1][-1]].end == self._infos[name].begin and len(runs[-1]) < _IOV_MAX:
-                runs[-1].append(name)
-            else:
-                runs.append([name])
+            return
+        if parallel and len(plan.lanes) > 1:
+            wait = _in_background(self._read_runs, plan.lanes[1])
+            try:
+                self._read_runs(plan.lanes[0])
+            finally:
+                wait()
+            return
+        for lane in plan.lanes:
+            self._read_runs(lane)
+
+    def start_reading(self, plan: ReadPlan) -> Callable[[], None]:
+        """Starts `read_planned(plan)` in a background thread (positioned reads release the GIL, so the caller's
+        Python runs meanwhile) and returns the function that waits for it and raises what it raised. Call it
+        before touching the targets, and on every path (an error of your own included): until it returns, the
+        thread may be writing into them."""
+        return _in_background(self.read_planned, plan, parallel=False)
+
+    def _read_runs(self, runs: Sequence[_Run]) -> None:
+        from .errors import FileTruncatedError
+
         fd = os.open(self._path, os.O_RDONLY)
         try:
             for run in runs:
-                views = [memoryview(out[n].numpy()).cast("B") for n in run if self._infos[n].nbytes]
-                offset = self._data_offset + self._infos[run[0]].begin
-                expected = sum(len(v) for v in views)
-                done = os.preadv(fd, views, offset) if views else 0
+                views, offset, expected = run.views, self._data_offset + run.begin, run.end - run.begin
+                done = os.preadv(fd, views, offset)
                 while 0 < done < expected:  # a short read (signals, huge runs): continue where it stopped
                     views, done, expected, offset = _advance(views, done), 0, expected - done, offset + done
                     done = os.preadv(fd, views, offset)
                 if done != expected:
-                    raise FileTruncatedError(f"the file ended while reading {run[0]}: it changed after its header "
+                    raise FileTruncatedError(f"the file ended while reading {run.first}: it changed after its header "
                                              "was read", path=self._path)
         finally:
             os.close(fd)
-        return out
 
     def _materialise(self, info: TensorInfo) -> torch.Tensor:
         import torch
@@ -151,6 +195,81 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
 
 
 _IOV_MAX = 1024  # the POSIX minimum of IOV_MAX on Linux: buffers per vectored read
+_POSITIONED_READS = hasattr(os, "preadv") and sys.byteorder == "little"
+
+
+_PARALLEL_BYTES = 4 << 20  # reads at least this large are split between two threads, when two CPUs are usable
+
+
+class _Run(NamedTuple):
+    """Adjacent tensors read with one vectored read: the buffer range [begin, end) into `views`."""
+
+    first: str
+    begin: int
+    end: int
+    views: tuple[memoryview, ...]
+
+
+def _runs(order: Sequence[str], infos: Mapping[str, TensorInfo],
+          targets: Mapping[str, torch.Tensor]) -> Iterator[_Run]:
+    """The vectored reads of tensors sorted by position: one per stretch of adjacent ones (of at most _IOV_MAX)."""
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or infos[order[i - 1]].end != infos[order[i]].begin or i - start == _IOV_MAX:
+            group = order[start:i]
+            yield _Run(group[0], infos[group[0]].begin, infos[group[-1]].end,
+                       tuple(memoryview(targets[n].numpy()).cast("B") for n in group))
+            start = i
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _in_background(function: Callable[..., None], *args: Any, **kwargs: Any) -> Callable[[], None]:
+    """Runs function(*args, **kwargs) in a new thread; returns the function that waits for it and raises what it
+    raised. The wait outlasts even Ctrl-C, so that no thread is left writing behind the caller's back."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            function(*args, **kwargs)
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+
+    thread = threading.Thread(target=work, name="lora-hub-read", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        interrupted = None
+        while thread.is_alive():
+            try:
+                thread.join()
+            except BaseException as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
+        if failure:
+            raise failure[0]
+
+    return wait
+
+
+@dataclass(frozen=True, eq=False)
+class ReadPlan:
+    """The reads that fill a set of host tensors from a file: made once by `MappedTensors.plan`, then usable for
+    any file of the same layout (same tensor names, dtypes, shapes and buffer ranges; the canonical writer gives
+    every adapter of the same shape the same one), for as long as `targets` are the tensors to fill."""
+
+    layout: Mapping[str, TensorInfo]
+    targets: Mapping[str, torch.Tensor]
+    lanes: tuple[tuple[_Run, ...], ...]
+    """The reads, in one lane or in two to be run side by side."""
 
 
 def _advance(views: list[memoryview], count: int) -> list[memoryview]:

@@ -81,6 +81,51 @@ def test_tensors_stay_mapped_until_asked_for_and_never_write_the_file(tmp_path: 
     assert path.read_bytes() == before
 
 
+def test_planned_reads_fill_the_given_tensors_from_any_file_of_the_same_layout(tmp_path: Path) -> None:
+    big = {"m": lora_hub.ModuleSpec(r=64, alpha=16, in_features=4096, out_features=4096)}  # 2 MiB in all
+    first = lora_hub.load_adapter(lora_hub.save_adapter(random_adapter(1, specs=big, with_head=False),
+                                                        tmp_path / "1.safetensors"))
+    second = lora_hub.load_adapter(lora_hub.save_adapter(random_adapter(2, specs=big, with_head=False),
+                                                         tmp_path / "2.safetensors"))
+    names = list(first.tensors)
+    into = {name: torch.empty(first.tensors.shapes[name]) for name in names}
+    plan = first.tensors.plan(names, into)
+    assert all(plan.targets[n] is into[n] for n in names)  # straight into the given tensors, no staging
+    for adapter in (first, second, first):
+        for tensor in into.values():
+            tensor.fill_(float("nan"))
+        adapter.tensors.read_planned(plan)
+        assert all(torch.equal(into[n], adapter.tensors[n]) for n in names)
+    other = lora_hub.load_adapter(lora_hub.save_adapter(random_adapter(1, with_head=False),
+                                                        tmp_path / "o.safetensors"))
+    with pytest.raises(ValueError, match="another tensor layout"):
+        other.tensors.read_planned(plan)
+
+
+def test_large_reads_split_between_two_threads_and_errors_reach_the_caller(tmp_path: Path, monkeypatch) -> None:
+    from lora_hub import tensors as tensors_module
+
+    monkeypatch.setattr(tensors_module, "_PARALLEL_BYTES", 1024)  # the tiny adapter counts as large
+    monkeypatch.setattr(tensors_module, "_usable_cpus", lambda: 2)
+    path = lora_hub.save_adapter(random_adapter(4, with_head=False), tmp_path / "a.safetensors")
+    adapter = lora_hub.load_adapter(path)
+    names = list(adapter.tensors)
+    into = {name: torch.zeros(adapter.tensors.shapes[name]) for name in names}
+    plan = adapter.tensors.plan(names, into)
+    assert len(plan.lanes) == 2 and plan.lanes[0][-1].end == plan.lanes[1][0].begin  # the buffer, cut in two
+    adapter.tensors.read_planned(plan)
+    assert all(torch.equal(into[n], adapter.tensors[n]) for n in names)
+    for tensor in into.values():
+        tensor.zero_()
+    adapter.tensors.start_reading(plan)()  # in the background, one thread for both lanes
+    assert all(torch.equal(into[n], adapter.tensors[n]) for n in names)
+    os.truncate(path, path.stat().st_size - 4)  # the last lane, in the second thread, meets the end of the file
+    with pytest.raises(lora_hub.FileTruncatedError, match="changed after its header was read"):
+        adapter.tensors.read_planned(plan)
+    with pytest.raises(lora_hub.FileTruncatedError):
+        adapter.tensors.start_reading(plan)()
+
+
 def test_misaligned_third_party_layout_still_loads(tmp_path: Path) -> None:
     spec = lora_hub.ModuleSpec(r=1, alpha=1, in_features=2, out_features=2)
     config = lora_hub.AdapterConfig(modules={"m": spec}, modules_to_save=("head",))
