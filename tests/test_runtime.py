@@ -365,3 +365,61 @@ def test_lora_hub_files_are_read_in_place_and_a_file_cut_short_leaves_no_half_ad
     torch.testing.assert_close(_logits(model), _logits(tiny_model("llama")), rtol=0, atol=0)
     runtime.use("b")
     torch.testing.assert_close(_logits(model), _peft("llama", adapters["llama"]["b"]), rtol=0, atol=0)
+
+
+def test_a_file_of_the_same_layout_is_read_as_the_last_one_was_and_stays_right_when_buffers_move(
+        adapters, tmp_path: Path, monkeypatch) -> None:
+    from lora_hub.tensors import MappedTensors
+
+    model = tiny_model("llama")
+    base = _logits(model)
+    again = random_peft_adapter(model, tmp_path / "again", seed=9, r=4, lora_alpha=8)  # a's layout, other values
+    files = {name: lora_hub.save_adapter(lora_hub.convert_adapter(source), tmp_path / f"{name}.safetensors")
+             for name, source in (("a", adapters["llama"]["a"]), ("again", again), ("b", adapters["llama"]["b"]))}
+    expected = {"a": _peft("llama", adapters["llama"]["a"]), "again": _peft("llama", again),
+                "b": _peft("llama", adapters["llama"]["b"])}
+    plans = []
+    original_plan = MappedTensors.plan
+    monkeypatch.setattr(MappedTensors, "plan", lambda self, *args: plans.append(1) or original_plan(self, *args))
+    runtime = lora_hub.attach(model)
+    runtime.load("x", files["a"])
+    runtime.use("x")
+    for name in ("again", "a", "again"):  # replacements of one layout: the reads are worked out once
+        runtime.load("x", files[name])
+        assert torch.equal(_logits(model), expected[name]), name
+    assert len(plans) == 1
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(files["again"].read_bytes())
+    opened = lora_hub.load_adapter(cut)
+    os.truncate(cut, cut.stat().st_size - 64)
+    with pytest.raises(lora_hub.FileTruncatedError):
+        runtime.load("x", opened)  # by the kept reads, and cut short: no half adapter is left
+    assert len(plans) == 1 and runtime.adapters == [] and torch.equal(_logits(model), base)
+    runtime.load("x", files["a"])
+    runtime.load("y", files["b"])  # a second slot, and larger ranks on shared layers: every buffer is reallocated
+    runtime.load("x", files["again"])
+    runtime.use("x")
+    assert torch.equal(_logits(model), expected["again"])
+    runtime.unload("y")  # compaction moves the buffers again
+    runtime.load("x", files["a"])
+    runtime.load("x", files["again"])
+    assert torch.equal(_logits(model), expected["again"])
+    runtime.load("y", files["b"])
+    for name, adapter in (("y", "b"), ("x", "again")):
+        runtime.use(name)
+        assert torch.equal(_logits(model), expected[adapter]), name
+
+
+def test_a_first_load_cut_short_while_the_layers_are_wrapped_leaves_the_base_model(adapters, tmp_path) -> None:
+    model = tiny_model("llama")
+    base = _logits(model)
+    path = lora_hub.save_adapter(lora_hub.convert_adapter(adapters["llama"]["a"]), tmp_path / "a.safetensors")
+    opened = lora_hub.load_adapter(path)
+    os.truncate(path, path.stat().st_size - 64)
+    runtime = lora_hub.attach(model)
+    with pytest.raises(lora_hub.FileTruncatedError):
+        runtime.load("a", opened)  # read in the background while the layers are wrapped; the error still surfaces
+    assert runtime.adapters == [] and torch.equal(_logits(model), base)
+    runtime.load("a", adapters["llama"]["a"])
+    runtime.use("a")
+    assert torch.equal(_logits(model), _peft("llama", adapters["llama"]["a"]))

@@ -111,30 +111,53 @@ def compute_dtype(layer: nn.Module, default: torch.dtype) -> torch.dtype:
     return default
 
 
+def features(layer: nn.Module, kind: str) -> tuple[int, int]:
+    """(in_features, out_features) of a layer of `kind`; Conv1D stores its weight as (in, out)."""
+    if kind == "conv1d":
+        rows, cols = layer.weight.shape
+        return rows, cols
+    return layer.in_features, layer.out_features
+
+
+def allocate(base_layer: nn.Module, kind: str, dtype: torch.dtype, slots: int,
+             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lora_A (slots, rank, in) and lora_B (slots, out, rank) buffers of a LoraLayer around `base_layer`, on
+    its device. A single slot is about to be written in full by the load that wraps the layer; more slots belong to
+    other adapters, which must read as zero here."""
+    in_features, out_features = features(base_layer, kind)
+    device = base_layer.weight.device
+    create = torch.empty if slots == 1 else torch.zeros
+    return (create(slots, rank, in_features, device=device, dtype=dtype),
+            create(slots, out_features, rank, device=device, dtype=dtype))
+
+
+def destinations(lora_A: torch.Tensor, lora_B: torch.Tensor, slot: int, rank: int,
+                 enable_lora: tuple[bool, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Views of `slot` of a layer's buffers that an adapter's lora_A and lora_B of rank `rank` can be read into as
+    stored: lora_A's rows always; lora_B only for a plain module of the padded rank (else it is rearranged, so
+    None)."""
+    b = lora_B[slot] if enable_lora is None and rank == lora_A.shape[1] else None
+    return lora_A[slot, :rank], b
+
+
 class LoraLayer(nn.Module):
     """A base layer plus the LoRA paths of every resident adapter. The base layer is never modified by the path;
     only merging (see runtime.weights) changes its weight, reversibly."""
 
-    def __init__(self, base_layer: nn.Module, selection: Selection, *, kind: str, dtype: torch.dtype,
-                 slots: int = 0, rank: int = 0) -> None:
+    def __init__(self, base_layer: nn.Module, selection: Selection, kind: str, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor) -> None:
+        """Wraps `base_layer` (of `kind`, see `layer_kind`) around the buffers that `allocate` made for it."""
         super().__init__()
         self.base_layer = base_layer
         self.selection = selection
         self.kind = kind
-        if kind == "conv1d":
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        device = base_layer.weight.device
-        selection.register(device)
-        # A single slot is about to be written in full by the load that wraps this layer; more slots belong to other
-        # adapters, which must read as zero here.
-        create = torch.empty if slots == 1 else torch.zeros
-        self.register_buffer("lora_A", create(slots, rank, self.in_features, device=device, dtype=dtype),
+        self.in_features, self.out_features = features(base_layer, kind)
+        selection.register(lora_A.device)
+        self.register_buffer("lora_A", lora_A, persistent=False)
+        self.register_buffer("lora_B", lora_B, persistent=False)
+        slots = lora_A.shape[0]
+        self.register_buffer("scaling", torch.zeros(slots, device=lora_A.device, dtype=torch.float32),
                              persistent=False)
-        self.register_buffer("lora_B", create(slots, self.out_features, rank, device=device, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("scaling", torch.zeros(slots, device=device, dtype=torch.float32), persistent=False)
         self._scalings = [0.0] * slots  # the same values on the host, so that eager forwards never read a device
 
     @property
@@ -164,21 +187,13 @@ class LoraLayer(nn.Module):
         self.scaling = self.scaling.index_select(0, index)
         self._scalings = [self._scalings[s] for s in slots]
 
-    def destinations(self, slot: int, rank: int, enable_lora: tuple[bool, ...] | None):
-        """Views of `slot` that an adapter's lora_A and lora_B of rank `rank` can be read into as stored: lora_A's
-        rows always; lora_B only for a plain module of the padded rank (else it is rearranged, so None)."""
-        a = self.lora_A
-        b = self.lora_B[slot] if enable_lora is None and rank == a.shape[1] else None
-        return a[slot, :rank], b
-
     def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
               enable_lora: tuple[bool, ...] | None, *, rank: int) -> None:
         """Copies one adapter's factors (rank `rank`) into `slot`, converting to this layer's device and dtype on
         the way. A factor given as None is already in place (read into the views of `destinations`); the padding
         is zeroed either way."""
         if lora_A is None and lora_B is None and enable_lora is None and rank == self.lora_A.shape[1]:
-            self.scaling[slot] = scaling  # read in place as stored: only the scaling is left
-            self._scalings[slot] = scaling
+            self.set_scaling(slot, scaling)  # read in place as stored: only the scaling is left
             return
         a, b = self.lora_A[slot], self.lora_B[slot]
         padded = a.shape[0]
@@ -197,8 +212,12 @@ class LoraLayer(nn.Module):
             r, n = rank // groups, self.out_features // len(enable_lora)
             for g, s in enumerate(i for i, flag in enumerate(enable_lora) if flag):
                 self.lora_B[slot, s * n:(s + 1) * n, g * r:(g + 1) * r].copy_(lora_B[g * n:(g + 1) * n])
-        self.scaling[slot] = scaling
-        self._scalings[slot] = scaling
+        self.set_scaling(slot, scaling)
+
+    def set_scaling(self, slot: int, scaling: float) -> None:
+        if self._scalings[slot] != scaling:  # the host copy always equals the tensor: an equal value is in place
+            self.scaling[slot] = scaling
+            self._scalings[slot] = scaling
 
     def clear(self, slot: int) -> None:
         self.lora_A[slot].zero_()

@@ -25,7 +25,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -35,8 +35,9 @@ from ..adapter import Adapter, AdapterConfig
 from ..basemodel import describe_base
 from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
+from ..tensors import MappedTensors, ReadPlan
 from ..validate import check_base
-from .layers import LoraLayer, Mode, Selection, compute_dtype, layer_kind
+from .layers import LoraLayer, Mode, Selection, allocate, compute_dtype, destinations, layer_kind
 from .weights import Snapshot, merge_delta, merge_float, restore
 
 Choice = str | Mapping[str, float] | None
@@ -49,6 +50,41 @@ class _Resident:
     config: AdapterConfig
     source: str | None
     replaced: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class _SlotReads:
+    """How the last lora-hub file loaded into a slot was read: every factor straight into the slot's buffers. The
+    next file of the same layout loaded into that slot (a replacement, typically: adapters of one shape share their
+    layout) is read the same way, without working the destinations out again. Valid until a layer's buffers are
+    reallocated or a layer is wrapped; the runtime then forgets it."""
+
+    plan: ReadPlan
+    layers: tuple[tuple[str, LoraLayer], ...]
+    others: tuple[LoraLayer, ...]
+
+    def fits(self, adapter: Adapter) -> bool:
+        """Same tensor layout (so the same modules and ranks), and no factor that needs rearranging."""
+        tensors = adapter.tensors
+        return (isinstance(tensors, MappedTensors) and tensors.layout == self.plan.layout
+                and all(spec.enable_lora is None for spec in adapter.modules.values()))
+
+    def load(self, slot: int, adapter: Adapter) -> None:
+        adapter.tensors.read_planned(self.plan)
+        modules = adapter.modules
+        for path, layer in self.layers:
+            layer.set_scaling(slot, modules[path].scaling)
+        for layer in self.others:
+            layer.clear(slot)
+
+
+class _NewLayer(NamedTuple):
+    """A module about to be wrapped: its kind and the buffers its LoraLayer will hold. They are allocated first, so
+    that a load can read into them while the layers are being built."""
+
+    kind: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
 
 
 class ReplacedModule(nn.Module):
@@ -109,9 +145,10 @@ class AdapterRuntime:
         self._path_dtype = dtype
         self._active: dict[str, float] | None = None
         self._merged: tuple[dict[str, float], dict[str, Snapshot]] | None = None
+        self._reads: dict[int, _SlotReads] = {}  # by slot; forgotten whenever buffers are reallocated
         self._detached = False
         if targets is not None:
-            self._wrap(self._resolve(targets))
+            self._wrap(self._allocate(self._resolve(targets), {}))
 
     # --- what is here ------------------------------------------------------------------------------------------
 
@@ -164,18 +201,15 @@ class AdapterRuntime:
             raise RuntimeStateError(f"adapter '{name}': '{too_wide[0]}' has rank {spec.r * spec.groups}, over "
                                     f"max_rank={self._max_rank}; nothing was changed")
         slot = self._resident[name].slot if name in self._resident else self._free_slot()
-        self._reserve(adapter)
+        reads = self._reads.get(slot)
+        if reads is not None and not reads.fits(adapter):
+            reads = None
+        new = self._reserve(adapter) if reads is None else {}  # a fitting plan means every buffer is as needed
         try:
-            read = self._read(slot, adapter)
-            for path, layer in self.layers.items():
-                spec = adapter.modules.get(path)
-                if spec is None:
-                    layer.clear(slot)
-                    continue
-                a_name, b_name = adapter.config.lora_tensor_names(path)
-                a = read[a_name] if a_name in read else adapter.lora_A(path)
-                b = read[b_name] if b_name in read else adapter.lora_B(path)
-                layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
+            if reads is not None:
+                reads.load(slot, adapter)
+            else:
+                self._write(slot, adapter, new)
         except BaseException:  # half-written (the file changed under us): the slot is emptied
             for layer in self.layers.values():
                 layer.clear(slot)
@@ -183,9 +217,10 @@ class AdapterRuntime:
                 self.unload(name)
             raise
         replaced = self._load_replacements(slot, adapter)
+        before = self._resident.get(name)
         self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced)
-        if self._active and name in self._active:
-            self.use(self._active)  # the replacement may change which modules are replaced
+        if self._active and name in self._active and before is not None and before.replaced != replaced:
+            self.use(self._active)  # in use, and now replacing other modules: checked against the others again
 
     def unload(self, name: str) -> None:
         """Removes an adapter and frees its memory (unless `max_adapters` fixed the capacity, then its slot is
@@ -343,6 +378,7 @@ class AdapterRuntime:
         self.layers.clear()
         self._replaced.clear()
         self._resident.clear()
+        self._reads.clear()
         self._detached = True
         return self.model
 
@@ -384,21 +420,49 @@ class AdapterRuntime:
 
         return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
 
-    def _read(self, slot: int, adapter: Adapter) -> dict[str, torch.Tensor | None]:
-        """The factors of a lora-hub file, read in one pass of positioned reads: straight into `slot` where they
-        fit as stored (then None: already in place), else into host tensors for LoraLayer.write to copy. Empty for
-        other sources, whose tensors are copied as they are."""
-        read = getattr(adapter.tensors, "read", None)
-        if read is None:
-            return {}
-        names, into = [], {}
-        for path, spec in adapter.modules.items():
+    def _write(self, slot: int, adapter: Adapter, new: Mapping[str, _NewLayer]) -> None:
+        """Puts the adapter's factors into `slot` of every layer (and clears the slot in the layers it does not
+        touch), wrapping the `new` modules on the way. A lora-hub file is read in one pass of positioned reads,
+        straight into the slot where the factors fit as stored, in the background while the new modules are
+        wrapped; when all of them fit, how it was read is kept for the next file of the same layout."""
+        tensors = adapter.tensors
+        names: list[str] = []
+        into: dict[str, torch.Tensor] = {}
+        read: dict[str, torch.Tensor | None] = {}
+        wait = None
+        if isinstance(tensors, MappedTensors):
+            for path, spec in adapter.modules.items():
+                a_name, b_name = adapter.config.lora_tensor_names(path)
+                names += (a_name, b_name)
+                holder = new.get(path) or self.layers[path]
+                into[a_name], b_view = destinations(holder.lora_A, holder.lora_B, slot, spec.r * spec.groups,
+                                                    spec.enable_lora)
+                if b_view is not None:
+                    into[b_name] = b_view
+            plan = tensors.plan(names, into)
+            if new:
+                wait = tensors.start_reading(plan)
+            else:
+                tensors.read_planned(plan)
+            read = {n: None if t is into.get(n) else t for n, t in plan.targets.items()}
+        try:
+            self._wrap(new)
+        finally:
+            if wait is not None:
+                wait()
+        for path, layer in self.layers.items():
+            spec = adapter.modules.get(path)
+            if spec is None:
+                layer.clear(slot)
+                continue
             a_name, b_name = adapter.config.lora_tensor_names(path)
-            names += (a_name, b_name)
-            into[a_name], b_view = self.layers[path].destinations(slot, spec.r * spec.groups, spec.enable_lora)
-            if b_view is not None:
-                into[b_name] = b_view
-        return {n: None if t is into.get(n) else t for n, t in read(names, into).items()}
+            a = read[a_name] if a_name in read else adapter.lora_A(path)
+            b = read[b_name] if b_name in read else adapter.lora_B(path)
+            layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
+        if read and all(t is None for t in read.values()):
+            layers = tuple((path, self.layers[path]) for path in adapter.modules)
+            others = tuple(layer for path, layer in self.layers.items() if path not in adapter.modules)
+            self._reads[slot] = _SlotReads(plan, layers, others)
 
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()
@@ -422,15 +486,17 @@ class AdapterRuntime:
             self._capacity = slot + 1
         return slot
 
-    def _reserve(self, adapter: Adapter) -> None:
-        """Wraps the modules the adapter needs and sizes every layer for the capacity and the adapter's ranks, with
-        one allocation per layer that has to grow and none for the others."""
+    def _reserve(self, adapter: Adapter) -> dict[str, _NewLayer]:
+        """Sizes every wrapped layer for the capacity and the adapter's ranks, with one allocation per layer that has
+        to grow and none for the others, and allocates the buffers of the modules the adapter needs that are not
+        wrapped yet (returned, for `_wrap`)."""
         needed = {m: s.r * s.groups for m, s in adapter.modules.items()}
-        self._wrap([m for m in needed if m not in self.layers], ranks=needed)
         for path, layer in self.layers.items():
             rank = max(layer.rank, needed.get(path, 0))
             if (layer.lora_A.shape[0], layer.rank) != (self._capacity, rank):
                 layer.reserve(self._capacity, rank)
+                self._reads.clear()
+        return self._allocate([m for m in needed if m not in self.layers], needed)
 
     def _resolve(self, targets: Iterable[str]) -> list[str]:
         paths = []
@@ -441,17 +507,30 @@ class AdapterRuntime:
             paths += matched
         return list(dict.fromkeys(paths))
 
-    def _wrap(self, paths: Sequence[str], ranks: Mapping[str, int] | None = None) -> None:
+    def _allocate(self, paths: Sequence[str], ranks: Mapping[str, int]) -> dict[str, _NewLayer]:
+        """The buffers of the LoraLayers that will wrap `paths`; nothing is wrapped yet.
+
+        Raises:
+            RuntimeStateError: A module lora-hub cannot wrap.
+        """
+        new = {}
         for path in paths:
             base = self._modules[path]
             kind = layer_kind(base)
             if kind is None:
                 raise RuntimeStateError(f"'{path}' is a {type(base).__name__}, which lora-hub cannot wrap")
             dtype = self._path_dtype or compute_dtype(base, self._dtype)
-            rank = self._max_rank or (ranks or {}).get(path, 0)
-            layer = LoraLayer(base, self.selection, kind=kind, dtype=dtype, slots=self._capacity, rank=rank)
+            rank = self._max_rank or ranks.get(path, 0)
+            new[path] = _NewLayer(kind, *allocate(base, kind, dtype, self._capacity, rank))
+        return new
+
+    def _wrap(self, new: Mapping[str, _NewLayer]) -> None:
+        for path, parts in new.items():
+            layer = LoraLayer(self._modules[path], self.selection, parts.kind, parts.lora_A, parts.lora_B)
             self._set(path, layer)
             self.layers[path] = layer
+        if new:
+            self._reads.clear()
 
     def _load_replacements(self, slot: int, adapter: Adapter) -> frozenset[str]:
         for module in self._replaced.values():
@@ -478,6 +557,7 @@ class AdapterRuntime:
         mapping = {r.slot: new for new, (_, r) in enumerate(order)}
         for layer in self.layers.values():
             layer.select_slots(list(mapping))
+        self._reads.clear()
         for module in self._replaced.values():
             module.variants = nn.ModuleDict({str(mapping[int(k)]): v for k, v in module.variants.items()})
             if module.pinned is not None:
