@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import constants as C
+from .errors import FileTruncatedError
 
 if TYPE_CHECKING:
     import torch
@@ -138,45 +139,69 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
             ValueError: The plan was made for another layout.
             FileTruncatedError: The file is shorter than when its header was read.
         """
-        if plan.layout is not self._infos and plan.layout != self._infos:
-            raise ValueError("the read plan was made for a file with another tensor layout")
+        self._check_layout(plan)
         if not _POSITIONED_READS:  # then through the mapping after all
             for name, target in plan.targets.items():
                 target.copy_(self[name])
             return
-        if parallel and len(plan.lanes) > 1:
-            wait = _in_background(self._read_runs, plan.lanes[1])
-            try:
-                self._read_runs(plan.lanes[0])
-            finally:
-                wait()
-            return
-        for lane in plan.lanes:
-            self._read_runs(lane)
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            if parallel and len(plan.lanes) > 1:
+                wait = _in_background(self._read_runs, fd, plan.lanes[1])
+                try:
+                    self._read_runs(fd, plan.lanes[0])
+                finally:
+                    wait()
+            else:
+                for lane in plan.lanes:
+                    self._read_runs(fd, lane)
+        finally:
+            os.close(fd)
 
     def start_reading(self, plan: ReadPlan) -> Callable[[], None]:
         """Starts `read_planned(plan)` in a background thread (positioned reads release the GIL, so the caller's
         Python runs meanwhile) and returns the function that waits for it and raises what it raised. Call it
         before touching the targets, and on every path (an error of your own included): until it returns, the
-        thread may be writing into them."""
-        return _in_background(self.read_planned, plan, parallel=False)
+        thread may be writing into them.
 
-    def _read_runs(self, runs: Sequence[_Run]) -> None:
-        from .errors import FileTruncatedError
-
+        Raises:
+            ValueError: The plan was made for another layout (at once; errors of the reads come from the wait).
+        """
+        self._check_layout(plan)
+        if not _POSITIONED_READS:
+            self.read_planned(plan)
+            return lambda: None
+        # The file is opened here, so that the thread's only call that lets go of the GIL is the read itself: each
+        # time it does, taking the GIL back can wait for the caller's Python (up to the switch interval, 5 ms).
         fd = os.open(self._path, os.O_RDONLY)
         try:
-            for run in runs:
-                views, offset, expected = run.views, self._data_offset + run.begin, run.end - run.begin
-                done = os.preadv(fd, views, offset)
-                while 0 < done < expected:  # a short read (signals, huge runs): continue where it stopped
-                    views, done, expected, offset = _advance(views, done), 0, expected - done, offset + done
-                    done = os.preadv(fd, views, offset)
-                if done != expected:
-                    raise FileTruncatedError(f"the file ended while reading {run.first}: it changed after its header "
-                                             "was read", path=self._path)
-        finally:
+            wait = _in_background(self._read_runs, fd, [run for lane in plan.lanes for run in lane])
+        except BaseException:
             os.close(fd)
+            raise
+
+        def finish() -> None:
+            try:
+                wait()
+            finally:
+                os.close(fd)
+
+        return finish
+
+    def _check_layout(self, plan: ReadPlan) -> None:
+        if plan.layout is not self._infos and plan.layout != self._infos:
+            raise ValueError("the read plan was made for a file with another tensor layout")
+
+    def _read_runs(self, fd: int, runs: Sequence[_Run]) -> None:
+        for run in runs:
+            views, offset, expected = run.views, self._data_offset + run.begin, run.end - run.begin
+            done = os.preadv(fd, views, offset)
+            while 0 < done < expected:  # a short read (signals, huge runs): continue where it stopped
+                views, done, expected, offset = _advance(views, done), 0, expected - done, offset + done
+                done = os.preadv(fd, views, offset)
+            if done != expected:
+                raise FileTruncatedError(f"the file ended while reading {run.first}: it changed after its header was "
+                                         "read", path=self._path)
 
     def _materialise(self, info: TensorInfo) -> torch.Tensor:
         import torch
