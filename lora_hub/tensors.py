@@ -9,7 +9,6 @@ one copy from the page cache, and a file cut short is detected instead of read a
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import os
 import sys
@@ -106,8 +105,7 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
 
     def plan(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> ReadPlan:
         """Works out the reads of `read(names, into)` without reading: each tensor's destination (from `into`
-        where it fits as stored, else a new host tensor) and the vectored reads that fill them, split in two lanes
-        of about equal size when the reads are large and a second CPU can copy half."""
+        where it fits as stored, else a new host tensor) and the vectored reads that fill them."""
         import torch
 
         targets: dict[str, torch.Tensor] = {}
@@ -116,24 +114,17 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
             info = infos[name]
             dtype = torch_dtype(info.dtype)
             target = into.get(name)
-            if target is None or not (target.device.type == "cpu" and target.dtype == dtype
+            if target is None or not (target.is_cpu and target.dtype == dtype
                                       and target.shape == info.shape and target.is_contiguous()):
                 target = torch.empty(info.shape, dtype=dtype)
             targets[name] = target
         if not _POSITIONED_READS:
             return ReadPlan(infos, targets, ())
         order = sorted((n for n in targets if infos[n].nbytes), key=lambda n: infos[n].begin)
-        total = sum(infos[n].nbytes for n in order)
-        lanes = [order]
-        if total >= _PARALLEL_BYTES and _usable_cpus() > 1:
-            sizes = itertools.accumulate(infos[n].nbytes for n in order)
-            half = next(i for i, done in enumerate(sizes, 1) if done * 2 >= total)
-            lanes = [order[:half], order[half:]]
-        return ReadPlan(infos, targets, tuple(tuple(_runs(lane, infos, targets)) for lane in lanes if lane))
+        return ReadPlan(infos, targets, tuple(_runs(order, infos, targets)))
 
-    def read_planned(self, plan: ReadPlan, *, parallel: bool = True) -> None:
-        """Carries out a plan made by `plan` on this file or on any file of the same layout: its second lane (if
-        any) in a background thread unless `parallel` is false.
+    def read_planned(self, plan: ReadPlan) -> None:
+        """Carries out a plan made by `plan` on this file or on any file of the same layout.
 
         Raises:
             ValueError: The plan was made for another layout.
@@ -146,15 +137,7 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
             return
         fd = os.open(self._path, os.O_RDONLY)
         try:
-            if parallel and len(plan.lanes) > 1:
-                wait = _in_background(self._read_runs, fd, plan.lanes[1])
-                try:
-                    self._read_runs(fd, plan.lanes[0])
-                finally:
-                    wait()
-            else:
-                for lane in plan.lanes:
-                    self._read_runs(fd, lane)
+            self._read_runs(fd, plan.runs)
         finally:
             os.close(fd)
 
@@ -175,7 +158,7 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
         # time it does, taking the GIL back can wait for the caller's Python (up to the switch interval, 5 ms).
         fd = os.open(self._path, os.O_RDONLY)
         try:
-            wait = _in_background(self._read_runs, fd, [run for lane in plan.lanes for run in lane])
+            wait = _in_background(self._read_runs, fd, plan.runs)
         except BaseException:
             os.close(fd)
             raise
@@ -223,9 +206,6 @@ _IOV_MAX = 1024  # the POSIX minimum of IOV_MAX on Linux: buffers per vectored r
 _POSITIONED_READS = hasattr(os, "preadv") and sys.byteorder == "little"
 
 
-_PARALLEL_BYTES = 4 << 20  # reads at least this large are split between two threads, when two CPUs are usable
-
-
 class _Run(NamedTuple):
     """Adjacent tensors read with one vectored read: the buffer range [begin, end) into `views`."""
 
@@ -245,13 +225,6 @@ def _runs(order: Sequence[str], infos: Mapping[str, TensorInfo],
             yield _Run(group[0], infos[group[0]].begin, infos[group[-1]].end,
                        tuple(memoryview(targets[n].numpy()).cast("B") for n in group))
             start = i
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _in_background(function: Callable[..., None], *args: Any, **kwargs: Any) -> Callable[[], None]:
@@ -293,8 +266,7 @@ class ReadPlan:
 
     layout: Mapping[str, TensorInfo]
     targets: Mapping[str, torch.Tensor]
-    lanes: tuple[tuple[_Run, ...], ...]
-    """The reads, in one lane or in two to be run side by side."""
+    runs: tuple[_Run, ...]
 
 
 def _advance(views: list[memoryview], count: int) -> list[memoryview]:
