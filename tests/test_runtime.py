@@ -408,6 +408,15 @@ def test_a_file_of_the_same_layout_is_read_as_the_last_one_was_and_stays_right_w
     for name, adapter in (("y", "b"), ("x", "again")):
         runtime.use(name)
         assert torch.equal(_logits(model), expected[adapter]), name
+    model = tiny_model("llama")
+    runtime = lora_hub.attach(model)
+    runtime.load("x", files["a"])
+    runtime.use("x")
+    planned = len(plans)
+    model.double()  # every buffer replaced behind the runtime's back: the kept reads must not be used
+    runtime.load("x", files["again"])
+    assert len(plans) == planned + 1
+    torch.testing.assert_close(_logits(model).float(), expected["again"], rtol=1e-4, atol=1e-4)
 
 
 def test_a_first_load_cut_short_while_the_layers_are_wrapped_leaves_the_base_model(adapters, tmp_path) -> None:

@@ -56,23 +56,27 @@ class _Resident:
 class _SlotReads:
     """How the last lora-hub file loaded into a slot was read: every factor straight into the slot's buffers. The
     next file of the same layout loaded into that slot (a replacement, typically: adapters of one shape share their
-    layout) is read the same way, without working the destinations out again. Valid until a layer's buffers are
-    reallocated or a layer is wrapped; the runtime then forgets it."""
+    layout) is read the same way, without working the destinations out again. The runtime forgets it when it
+    reallocates buffers or wraps layers; buffers replaced behind its back (`model.to(...)`) are noticed by
+    `fits`."""
 
     plan: ReadPlan
-    layers: tuple[tuple[str, LoraLayer], ...]
+    layers: tuple[tuple[str, LoraLayer, torch.Tensor, torch.Tensor], ...]
+    """Each layer the adapter touches, with the lora_A and lora_B buffers the plan reads into."""
     others: tuple[LoraLayer, ...]
 
     def fits(self, adapter: Adapter) -> bool:
-        """Same tensor layout (so the same modules and ranks), and no factor that needs rearranging."""
+        """Same tensor layout (so the same modules and ranks), no factor that needs rearranging, and the layers
+        still hold the buffers read into."""
         tensors = adapter.tensors
         return (isinstance(tensors, MappedTensors) and tensors.layout == self.plan.layout
-                and all(spec.enable_lora is None for spec in adapter.modules.values()))
+                and all(spec.enable_lora is None for spec in adapter.modules.values())
+                and all(layer.lora_A is a and layer.lora_B is b for _, layer, a, b in self.layers))
 
     def load(self, slot: int, adapter: Adapter) -> None:
         adapter.tensors.read_planned(self.plan)
         modules = adapter.modules
-        for path, layer in self.layers:
+        for path, layer, _, _ in self.layers:
             layer.set_scaling(slot, modules[path].scaling)
         for layer in self.others:
             layer.clear(slot)
@@ -460,7 +464,7 @@ class AdapterRuntime:
             b = read[b_name] if b_name in read else adapter.lora_B(path)
             layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
         if read and all(t is None for t in read.values()):
-            layers = tuple((path, self.layers[path]) for path in adapter.modules)
+            layers = tuple((p, self.layers[p], self.layers[p].lora_A, self.layers[p].lora_B) for p in adapter.modules)
             others = tuple(layer for path, layer in self.layers.items() if path not in adapter.modules)
             self._reads[slot] = _SlotReads(plan, layers, others)
 
