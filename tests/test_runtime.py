@@ -432,3 +432,28 @@ def test_a_first_load_cut_short_while_the_layers_are_wrapped_leaves_the_base_mod
     runtime.load("a", adapters["llama"]["a"])
     runtime.use("a")
     assert torch.equal(_logits(model), _peft("llama", adapters["llama"]["a"]))
+
+
+def test_a_model_moved_or_converted_after_attach_keeps_working_and_frees_the_old_buffers(adapters, tmp_path) -> None:
+    import copy
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    path = lora_hub.save_adapter(lora_hub.convert_adapter(adapters["llama"]["a"]), tmp_path / "a.safetensors")
+    runtime = lora_hub.attach(model)
+    runtime.load("a", path)
+    runtime.load("a", path)  # a replacement: the runtime keeps how the slot was read
+    runtime.use("a")
+    old = weakref.ref(next(iter(runtime.layers.values())).lora_A)
+    model.double()
+    gc.collect()
+    assert old() is None  # nothing the runtime kept holds the float32 buffers
+    expected = _peft("llama", adapters["llama"]["a"])
+    torch.testing.assert_close(_logits(model).float(), expected, rtol=1e-4, atol=1e-4)
+    copied = copy.deepcopy(model)  # a copy belongs to no runtime, and runs as the original
+    assert torch.equal(_logits(copied), _logits(model))
+    runtime.load("a", path)
+    torch.testing.assert_close(_logits(model).float(), expected, rtol=1e-4, atol=1e-4)
+    model.to("meta")  # another device: the selection follows the layers there
+    assert model(TOKENS.to("meta")).logits.device.type == "meta"

@@ -16,7 +16,8 @@ graph captured stay the same ones.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ class Selection:
     """
 
     def __init__(self) -> None:
+        self._listeners: list[weakref.WeakMethod] = []
         self.mode = Mode.OFF
         self._devices: set[torch.device] = set()
         self._lanes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -53,6 +55,24 @@ class Selection:
             self._devices.add(device)
             _store(self._lanes, {device}, self.lane_slots, [1.0] * len(self.lane_slots))
             _store(self._rows, {device}, self.row_slots, self.row_weights)
+
+    def on_move(self, method: Callable[[], None]) -> None:
+        """Calls `method` (held weakly) whenever a layer's buffers are replaced by a move or a conversion of the
+        model (`model.to(...)`, `.half()`)."""
+        self._listeners.append(weakref.WeakMethod(method))
+
+    def moved(self, device: torch.device) -> None:
+        """A layer's buffers now live on `device` (LoraLayer._apply)."""
+        self.register(device)
+        for listener in self._listeners:
+            method = listener()
+            if method is not None:
+                method()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_listeners"] = []  # a copy or a pickle of the model belongs to no runtime
+        return state
 
     def set_lanes(self, slots: Sequence[int], weights: Sequence[float]) -> None:
         self.lane_slots, self.lane_weights = list(slots), list(weights)
@@ -159,6 +179,13 @@ class LoraLayer(nn.Module):
         self.register_buffer("scaling", torch.zeros(slots, device=lora_A.device, dtype=torch.float32),
                              persistent=False)
         self._scalings = [0.0] * slots  # the same values on the host, so that eager forwards never read a device
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving or converting the model replaces the buffers: the selection learns their device, and the runtime
+        forgets anything that pointed into the old ones."""
+        super()._apply(fn, recurse)
+        self.selection.moved(self.lora_A.device)
+        return self
 
     @property
     def rank(self) -> int:

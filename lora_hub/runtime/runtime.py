@@ -14,6 +14,12 @@ than a layer holds, or a module not yet wrapped grows the buffers or wraps the m
 `max_rank` and `targets` to `attach` to fix all three up front; loads within them never reallocate (lower-rank
 adapters are zero-padded to `max_rank`, which costs compute as in PEFT's hotswap). Changing the number of stacked
 adapters, or turning adapters off and on, changes which code path runs (a recompile for torch.compile).
+
+Loading a lora-hub file reads the factors with positioned reads straight into the slot's buffers (one copy from
+the page cache); the layers a load wraps are built while the read runs in the background. A replacement with the
+same tensor layout (adapters of one shape share it) reuses the reads worked out for the slot. The model may be
+moved or converted after attaching (`model.to(...)`): the paths follow their layers, and nothing is kept that
+points into the old buffers.
 """
 
 from __future__ import annotations
@@ -149,7 +155,8 @@ class AdapterRuntime:
         self._path_dtype = dtype
         self._active: dict[str, float] | None = None
         self._merged: tuple[dict[str, float], dict[str, Snapshot]] | None = None
-        self._reads: dict[int, _SlotReads] = {}  # by slot; forgotten whenever buffers are reallocated
+        self._reads: dict[int, _SlotReads] = {}  # by slot; forgotten whenever buffers are reallocated or moved
+        self.selection.on_move(self._forget_reads)
         self._detached = False
         if targets is not None:
             self._wrap(self._allocate(self._resolve(targets), {}))
@@ -387,6 +394,9 @@ class AdapterRuntime:
         return self.model
 
     # --- internals ---------------------------------------------------------------------------------------------
+
+    def _forget_reads(self) -> None:
+        self._reads.clear()
 
     def _check_alive(self) -> None:
         if self._detached:
