@@ -31,7 +31,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,9 +41,10 @@ from ..adapter import Adapter, AdapterConfig
 from ..basemodel import describe_base
 from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
-from ..tensors import MappedTensors, ReadPlan
 from ..validate import check_base
-from .layers import LoraLayer, Mode, Selection, allocate, compute_dtype, destinations, layer_kind
+from .layers import LoraLayer, Selection, allocate, compute_dtype, layer_kind
+from .loading import NewLayer, SlotReads, fill
+from .replaced import ReplacedModule
 from .weights import Snapshot, merge_delta, merge_float, restore
 
 Choice = str | Mapping[str, float] | None
@@ -56,79 +57,6 @@ class _Resident:
     config: AdapterConfig
     source: str | None
     replaced: frozenset[str] = field(default_factory=frozenset)
-
-
-@dataclass(frozen=True)
-class _SlotReads:
-    """How the last lora-hub file loaded into a slot was read: every factor straight into the slot's buffers. The
-    next file of the same layout loaded into that slot (a replacement, typically: adapters of one shape share their
-    layout) is read the same way, without working the destinations out again. The runtime forgets it when it
-    reallocates buffers or wraps layers; buffers replaced behind its back (`model.to(...)`) are noticed by
-    `fits`."""
-
-    plan: ReadPlan
-    layers: tuple[tuple[str, LoraLayer, torch.Tensor, torch.Tensor], ...]
-    """Each layer the adapter touches, with the lora_A and lora_B buffers the plan reads into."""
-    others: tuple[LoraLayer, ...]
-
-    def fits(self, adapter: Adapter) -> bool:
-        """Same tensor layout (so the same modules and ranks), no factor that needs rearranging, and the layers
-        still hold the buffers read into."""
-        tensors = adapter.tensors
-        return (isinstance(tensors, MappedTensors) and tensors.layout == self.plan.layout
-                and all(spec.enable_lora is None for spec in adapter.modules.values())
-                and all(layer.lora_A is a and layer.lora_B is b for _, layer, a, b in self.layers))
-
-    def load(self, slot: int, adapter: Adapter) -> None:
-        adapter.tensors.read_planned(self.plan)
-        modules = adapter.modules
-        for path, layer, _, _ in self.layers:
-            layer.set_scaling(slot, modules[path].scaling)
-        for layer in self.others:
-            layer.clear(slot)
-
-
-class _NewLayer(NamedTuple):
-    """A module about to be wrapped: its kind and the buffers its LoraLayer will hold. They are allocated first, so
-    that a load can read into them while the layers are being built."""
-
-    kind: str
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-
-
-class ReplacedModule(nn.Module):
-    """A module that some adapters replace (PEFT's modules_to_save, such as a task head): it runs the active
-    adapter's copy, or the original when no active adapter replaces it; with routed rows, each row its own."""
-
-    def __init__(self, original: nn.Module, selection: Selection) -> None:
-        super().__init__()
-        self.original = original
-        self.variants = nn.ModuleDict()
-        self.selection = selection
-        self.pinned: int | None = None
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        selection = self.selection
-        if self.pinned is not None:
-            return self.variants[str(self.pinned)](x, *args, **kwargs)
-        if selection.mode is Mode.LANES:
-            chosen = [s for s in selection.lane_slots if str(s) in self.variants]
-            return (self.variants[str(chosen[0])] if chosen else self.original)(x, *args, **kwargs)
-        if selection.mode is Mode.ROWS:
-            return self._rows(x, selection.row_slots, selection.row_weights, *args, **kwargs)
-        return self.original(x, *args, **kwargs)
-
-    def _rows(self, x: torch.Tensor, slots: list[int], weights: list[float], *args, **kwargs):
-        keys = [str(s) if w and str(s) in self.variants else None for s, w in zip(slots, weights, strict=True)]
-        result = None
-        for key in dict.fromkeys(keys):
-            index = torch.tensor([i for i, k in enumerate(keys) if k == key], device=x.device)
-            out = (self.variants[key] if key else self.original)(x.index_select(0, index), *args, **kwargs)
-            if result is None:
-                result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result.index_copy_(0, index, out)
-        return result
 
 
 class AdapterRuntime:
@@ -155,7 +83,7 @@ class AdapterRuntime:
         self._path_dtype = dtype
         self._active: dict[str, float] | None = None
         self._merged: tuple[dict[str, float], dict[str, Snapshot]] | None = None
-        self._reads: dict[int, _SlotReads] = {}  # by slot; forgotten whenever buffers are reallocated or moved
+        self._reads: dict[int, SlotReads] = {}  # by slot; forgotten whenever buffers are reallocated or moved
         self.selection.on_move(self._forget_reads)
         self._detached = False
         if targets is not None:
@@ -220,7 +148,9 @@ class AdapterRuntime:
             if reads is not None:
                 reads.load(slot, adapter)
             else:
-                self._write(slot, adapter, new)
+                kept = fill(slot, adapter, self.layers, new, self._wrap)
+                if kept is not None:
+                    self._reads[slot] = kept
         except BaseException:  # half-written (the file changed under us): the slot is emptied
             for layer in self.layers.values():
                 layer.clear(slot)
@@ -434,50 +364,6 @@ class AdapterRuntime:
 
         return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
 
-    def _write(self, slot: int, adapter: Adapter, new: Mapping[str, _NewLayer]) -> None:
-        """Puts the adapter's factors into `slot` of every layer (and clears the slot in the layers it does not
-        touch), wrapping the `new` modules on the way. A lora-hub file is read in one pass of positioned reads,
-        straight into the slot where the factors fit as stored, in the background while the new modules are
-        wrapped; when all of them fit, how it was read is kept for the next file of the same layout."""
-        tensors = adapter.tensors
-        names: list[str] = []
-        into: dict[str, torch.Tensor] = {}
-        read: dict[str, torch.Tensor | None] = {}
-        wait = None
-        if isinstance(tensors, MappedTensors):
-            for path, spec in adapter.modules.items():
-                a_name, b_name = adapter.config.lora_tensor_names(path)
-                names += (a_name, b_name)
-                holder = new.get(path) or self.layers[path]
-                into[a_name], b_view = destinations(holder.lora_A, holder.lora_B, slot, spec.r * spec.groups,
-                                                    spec.enable_lora)
-                if b_view is not None:
-                    into[b_name] = b_view
-            plan = tensors.plan(names, into)
-            if new:
-                wait = tensors.start_reading(plan)
-            else:
-                tensors.read_planned(plan)
-            read = {n: None if t is into.get(n) else t for n, t in plan.targets.items()}
-        try:
-            self._wrap(new)
-        finally:
-            if wait is not None:
-                wait()
-        for path, layer in self.layers.items():
-            spec = adapter.modules.get(path)
-            if spec is None:
-                layer.clear(slot)
-                continue
-            a_name, b_name = adapter.config.lora_tensor_names(path)
-            a = read[a_name] if a_name in read else adapter.lora_A(path)
-            b = read[b_name] if b_name in read else adapter.lora_B(path)
-            layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
-        if read and all(t is None for t in read.values()):
-            layers = tuple((p, self.layers[p], self.layers[p].lora_A, self.layers[p].lora_B) for p in adapter.modules)
-            others = tuple(layer for path, layer in self.layers.items() if path not in adapter.modules)
-            self._reads[slot] = _SlotReads(plan, layers, others)
-
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()
         findings = check_base(adapter.config, self._info, shapes)
@@ -500,7 +386,7 @@ class AdapterRuntime:
             self._capacity = slot + 1
         return slot
 
-    def _reserve(self, adapter: Adapter) -> dict[str, _NewLayer]:
+    def _reserve(self, adapter: Adapter) -> dict[str, NewLayer]:
         """Sizes every wrapped layer for the capacity and the adapter's ranks, with one allocation per layer that has
         to grow and none for the others, and allocates the buffers of the modules the adapter needs that are not
         wrapped yet (returned, for `_wrap`)."""
@@ -521,7 +407,7 @@ class AdapterRuntime:
             paths += matched
         return list(dict.fromkeys(paths))
 
-    def _allocate(self, paths: Sequence[str], ranks: Mapping[str, int]) -> dict[str, _NewLayer]:
+    def _allocate(self, paths: Sequence[str], ranks: Mapping[str, int]) -> dict[str, NewLayer]:
         """The buffers of the LoraLayers that will wrap `paths`; nothing is wrapped yet.
 
         Raises:
@@ -535,10 +421,10 @@ class AdapterRuntime:
                 raise RuntimeStateError(f"'{path}' is a {type(base).__name__}, which lora-hub cannot wrap")
             dtype = self._path_dtype or compute_dtype(base, self._dtype)
             rank = self._max_rank or ranks.get(path, 0)
-            new[path] = _NewLayer(kind, *allocate(base, kind, dtype, self._capacity, rank))
+            new[path] = NewLayer(kind, *allocate(base, kind, dtype, self._capacity, rank))
         return new
 
-    def _wrap(self, new: Mapping[str, _NewLayer]) -> None:
+    def _wrap(self, new: Mapping[str, NewLayer]) -> None:
         for path, parts in new.items():
             layer = LoraLayer(self._modules[path], self.selection, parts.kind, parts.lora_A, parts.lora_B)
             self._set(path, layer)

@@ -1,0 +1,108 @@
+"""Filling an adapter's slot in the wrapped layers of a runtime: reading its factors into the slot buffers, building
+the layers a load wraps while the read runs, and keeping how a slot was read for the next file of the same layout.
+
+    load(name, file) -> fill(slot, adapter, layers, new, wrap) -> SlotReads (kept by the runtime, per slot)
+    load(name, same-layout file) -> SlotReads.load(slot, adapter): the reads again, no destinations worked out
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..adapter import Adapter
+from ..tensors import MappedTensors, ReadPlan
+from .layers import LoraLayer, destinations
+
+
+class NewLayer(NamedTuple):
+    """A module about to be wrapped: its kind and the buffers its LoraLayer will hold. They are allocated first, so
+    that a load can read into them while the layers are being built."""
+
+    kind: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SlotReads:
+    """How the last lora-hub file loaded into a slot was read: every factor straight into the slot's buffers. The
+    next file of the same layout loaded into that slot (a replacement, typically: adapters of one shape share their
+    layout) is read the same way, without working the destinations out again. The runtime forgets it when it
+    reallocates buffers or wraps layers; buffers replaced behind its back (`model.to(...)`) are noticed by
+    `fits`."""
+
+    plan: ReadPlan
+    layers: tuple[tuple[str, LoraLayer, torch.Tensor, torch.Tensor], ...]
+    """Each layer the adapter touches, with the lora_A and lora_B buffers the plan reads into."""
+    others: tuple[LoraLayer, ...]
+
+    def fits(self, adapter: Adapter) -> bool:
+        """Same tensor layout (so the same modules and ranks), no factor that needs rearranging, and the layers
+        still hold the buffers read into."""
+        tensors = adapter.tensors
+        return (isinstance(tensors, MappedTensors) and tensors.layout == self.plan.layout
+                and all(spec.enable_lora is None for spec in adapter.modules.values())
+                and all(layer.lora_A is a and layer.lora_B is b for _, layer, a, b in self.layers))
+
+    def load(self, slot: int, adapter: Adapter) -> None:
+        adapter.tensors.read_planned(self.plan)
+        modules = adapter.modules
+        for path, layer, _, _ in self.layers:
+            layer.set_scaling(slot, modules[path].scaling)
+        for layer in self.others:
+            layer.clear(slot)
+
+
+def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapping[str, NewLayer],
+         wrap: Callable[[Mapping[str, NewLayer]], None]) -> SlotReads | None:
+    """Puts the adapter's factors into `slot` of every layer (and clears the slot in the layers it does not touch),
+    calling wrap(new) to build the `new` layers on the way (`layers` holds them afterwards). A lora-hub file is read
+    in one pass of positioned reads, straight into the slot where the factors fit as stored, in the background
+    while the new layers are built.
+
+    Returns:
+        How the slot was read, when every factor fitted as stored (for the next file of the same layout); else None.
+    """
+    tensors = adapter.tensors
+    names: list[str] = []
+    into: dict[str, torch.Tensor] = {}
+    read: dict[str, torch.Tensor | None] = {}
+    wait = None
+    if isinstance(tensors, MappedTensors):
+        for path, spec in adapter.modules.items():
+            a_name, b_name = adapter.config.lora_tensor_names(path)
+            names += (a_name, b_name)
+            holder = new.get(path) or layers[path]
+            into[a_name], b_view = destinations(holder.lora_A, holder.lora_B, slot, spec.r * spec.groups,
+                                                spec.enable_lora)
+            if b_view is not None:
+                into[b_name] = b_view
+        plan = tensors.plan(names, into)
+        if new:
+            wait = tensors.start_reading(plan)
+        else:
+            tensors.read_planned(plan)
+        read = {n: None if t is into.get(n) else t for n, t in plan.targets.items()}
+    try:
+        wrap(new)
+    finally:
+        if wait is not None:
+            wait()
+    for path, layer in layers.items():
+        spec = adapter.modules.get(path)
+        if spec is None:
+            layer.clear(slot)
+            continue
+        a_name, b_name = adapter.config.lora_tensor_names(path)
+        a = read[a_name] if a_name in read else adapter.lora_A(path)
+        b = read[b_name] if b_name in read else adapter.lora_B(path)
+        layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
+    if read and all(t is None for t in read.values()):
+        kept = tuple((p, layers[p], layers[p].lora_A, layers[p].lora_B) for p in adapter.modules)
+        others = tuple(layer for path, layer in layers.items() if path not in adapter.modules)
+        return SlotReads(plan, kept, others)
+    return None
