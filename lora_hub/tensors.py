@@ -227,8 +227,8 @@ def _runs(order: Sequence[str], infos: Mapping[str, TensorInfo],
             start = i
 
 
-def _in_background(function: Callable[..., None], *args: Any, **kwargs: Any) -> Callable[[], None]:
-    """Runs function(*args, **kwargs) in a new thread; returns the function that waits for it and raises what it
+def _in_background(function: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """Runs function(*args) in a new thread; returns the function that waits for it and raises what it
     raised. The wait outlasts even Ctrl-C, so that no thread is left writing behind the caller's back."""
     import threading
 
@@ -236,7 +236,7 @@ def _in_background(function: Callable[..., None], *args: Any, **kwargs: Any) -> 
 
     def work() -> None:
         try:
-            function(*args, **kwargs)
+            function(*args)
         except BaseException as e:  # handed to the waiting thread
             failure.append(e)
 
