@@ -2,9 +2,10 @@
 
 A `MappedTensors` maps the file once (copy-on-write, so writing to a tensor never touches the file) and creates each
 tensor on first access as a view of the mapping: nothing is read from disk until a page is touched, and moving a
-tensor to its device with `.to(device, dtype)` copies straight from the page cache. `read` goes one step further
-for tensors whose destination is already allocated in host memory: positioned reads put the bytes straight into it,
-one copy from the page cache, and a file cut short is detected instead of read as zeros.
+tensor to its device with `.to(device, dtype)` copies straight from the page cache. A `ReadPlan` goes one step
+further for tensors whose destination is already allocated in host memory: positioned reads put the bytes straight
+into it, one copy from the page cache, and a file cut short is detected instead of read as zeros. A plan is made
+once and serves every file of the same layout.
 """
 
 from __future__ import annotations
@@ -87,25 +88,12 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
         """Every tensor's dtype, shape and buffer range, from the header: what a `ReadPlan` is made for."""
         return self._infos
 
-    def read(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Reads tensors with positioned reads, never through the mapping (so a file cut short after its header
-        was read is an error, not zeros or a SIGBUS): each straight into its tensor in `into` where it fits as
-        stored (a contiguous host tensor of its dtype and shape), else into a new host tensor. One vectored read
-        per run of adjacent tensors, in file order.
-
-        Returns:
-            Name -> the tensor holding it: the one from `into` when it was used.
-
-        Raises:
-            FileTruncatedError: The file is shorter than when its header was read.
-        """
-        plan = self.plan(names, into)
-        self.read_planned(plan)
-        return dict(plan.targets)
-
     def plan(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> ReadPlan:
-        """Works out the reads of `read(names, into)` without reading: each tensor's destination (from `into`
-        where it fits as stored, else a new host tensor) and the vectored reads that fill them."""
+        """Works out how to read tensors `names` with positioned reads, never through the mapping (so that a file
+        cut short after its header was read is an error, not zeros or a SIGBUS): each straight into its tensor in
+        `into` where it fits as stored (a contiguous host tensor of its dtype and shape), else into a new host
+        tensor (`ReadPlan.targets` says which); one vectored read per run of adjacent tensors, in file order.
+        Nothing is read until `read_planned` or `start_reading`."""
         import torch
 
         targets: dict[str, torch.Tensor] = {}

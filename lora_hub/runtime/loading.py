@@ -68,20 +68,19 @@ def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapp
         How the slot was read, when every factor fitted as stored (for the next file of the same layout); else None.
     """
     tensors = adapter.tensors
-    names: list[str] = []
+    names = {path: adapter.config.lora_tensor_names(path) for path in adapter.modules}
     into: dict[str, torch.Tensor] = {}
     read: dict[str, torch.Tensor | None] = {}
     wait = None
     if isinstance(tensors, MappedTensors):
         for path, spec in adapter.modules.items():
-            a_name, b_name = adapter.config.lora_tensor_names(path)
-            names += (a_name, b_name)
+            a_name, b_name = names[path]
             holder = new.get(path) or layers[path]
             into[a_name], b_view = destinations(holder.lora_A, holder.lora_B, slot, spec.r * spec.groups,
                                                 spec.enable_lora)
             if b_view is not None:
                 into[b_name] = b_view
-        plan = tensors.plan(names, into)
+        plan = tensors.plan([name for pair in names.values() for name in pair], into)
         if new:
             wait = tensors.start_reading(plan)
         else:
@@ -97,7 +96,7 @@ def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapp
         if spec is None:
             layer.clear(slot)
             continue
-        a_name, b_name = adapter.config.lora_tensor_names(path)
+        a_name, b_name = names[path]
         a = read[a_name] if a_name in read else adapter.lora_A(path)
         b = read[b_name] if b_name in read else adapter.lora_B(path)
         layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
