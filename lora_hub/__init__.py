@@ -63,6 +63,7 @@ from .errors import PeftConfigError as PeftConfigError
 from .errors import PickleRefusedError as PickleRefusedError
 from .errors import RankMismatchError as RankMismatchError
 from .errors import RegistryError as RegistryError
+from .errors import RegistryUnusableError as RegistryUnusableError
 from .errors import RepoIdError as RepoIdError
 from .errors import RepoNotFoundError as RepoNotFoundError
 from .errors import RevisionNotFoundError as RevisionNotFoundError
@@ -171,6 +172,7 @@ __all__ = [
     "Registry",
     "RegistryEntry",
     "RegistryError",
+    "RegistryUnusableError",
     "RepoIdError",
     "RepoNotFoundError",
     "RevisionNotFoundError",

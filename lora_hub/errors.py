@@ -373,6 +373,13 @@ class RegistryError(LoraHubError, LookupError):
     code = "NOT_IN_REGISTRY"
 
 
+class RegistryUnusableError(RegistryError):
+    """The registry database cannot be used: damaged, not a database, a folder, locked for too long, or read-only
+    where a change was asked for."""
+
+    code = "REGISTRY_UNUSABLE"
+
+
 class LoraHubWarning(UserWarning):
     """Something was corrected or ignored on the way, and the user should know (never a silent change)."""
 

@@ -115,6 +115,9 @@ CATALOGUE: dict[str, Code] = {
                              "Run lora-hub validate on it; pass force=True (--force) to keep it anyway, flagged."),
     "NOT_IN_REGISTRY": Code(ERR, "No registry entry of that name, or its file is gone.",
                             "lora-hub list shows the entries; pull the adapter (again)."),
+    "REGISTRY_UNUSABLE": Code(ERR, "The registry database is damaged, not a database, a folder, locked, or "
+                                   "read-only where a change was asked for.",
+                              "Move the damaged file aside (a new registry starts), or set LORA_HUB_HOME."),
     "INTERNAL_ERROR": Code(ERR, "lora-hub failed unexpectedly while checking this file.",
                            "Report it with the file if you can; the file was not accepted."),
     # Conversion notes

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RegistryError
+from .errors import RegistryError, RegistryUnusableError
 
 SCHEMA_VERSION = 1
 _COLUMNS = ("name", "repo_id", "revision", "commit_sha", "sha256", "path", "base_model", "ranks", "targets",
@@ -89,34 +89,82 @@ class Registry:
 
     @contextmanager
     def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        """A connection in WAL mode, schema created; with `write`, inside one IMMEDIATE transaction. Reading works
+        on a registry the user may not write (a read-only home), and reading a registry that does not exist yet
+        sees an empty one without creating anything.
+
+        Raises:
+            RegistryUnusableError: The database is damaged, not a database, a folder, or cannot be opened.
+        """
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            with self._connection(write) as db:
+                if write:
+                    db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    if write and db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                if write:
+                    db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise self._unusable(e) from e
+
+    @contextmanager
+    def _connection(self, write: bool) -> Iterator[sqlite3.Connection]:
+        if self.path.is_dir():
+            raise RegistryUnusableError(f"{self.path} is a folder, not the registry database: move it aside",
+                                        path=self.path)
+        if not write and not self.path.exists():
+            db = sqlite3.connect(":memory:", isolation_level=None)  # nothing recorded yet: an empty registry
+            read_only = False
+        else:
+            read_only = self.path.exists() and not _writable(self.path)
+            if write and read_only:
+                raise RegistryUnusableError("the registry is read-only here: listing works, changes need a registry "
+                                            "you may write (set LORA_HUB_HOME)", path=self.path)
+            if not read_only:
+                try:
+                    self.home.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise RegistryUnusableError(f"cannot create the registry folder {self.home}: {e.strerror}; "
+                                                "point LORA_HUB_HOME at a folder you may write", path=self.home) from e
+            db = _connect(self.path, read_only)
+        try:
+            if not read_only:
+                _use_wal(db)
+                db.execute("PRAGMA synchronous=FULL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RegistryError(f"the registry was written by a newer lora-hub (schema {version}); upgrade "
                                     "lora-hub or point LORA_HUB_HOME elsewhere", path=self.path)
             if version < SCHEMA_VERSION:
+                if read_only:
+                    raise RegistryUnusableError("the registry has no tables yet and is read-only here",
+                                                path=self.path)
                 db.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # another process may have won
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.execute("COMMIT")
-            if write:
-                db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                if write:
-                    db.execute("ROLLBACK")
-                raise
-            if write:
-                db.execute("COMMIT")
+            yield db
         finally:
             db.close()
+
+    def _unusable(self, error: sqlite3.Error) -> RegistryUnusableError:
+        text = str(error)
+        if isinstance(error, sqlite3.OperationalError) and ("readonly" in text or "read-only" in text):
+            return RegistryUnusableError(f"the registry is read-only here ({text}): listing works, changes need a "
+                                         "registry you may write (set LORA_HUB_HOME)", path=self.path)
+        if isinstance(error, sqlite3.OperationalError) and "locked" in text:
+            return RegistryUnusableError(f"the registry stayed locked by another process for {_BUSY_SECONDS} s "
+                                         "({text}); try again", path=self.path)
+        return RegistryUnusableError(f"the registry database is damaged or not a SQLite database ({text}): move it "
+                                     f"aside (mv {self.path} {self.path}.damaged) and pull the adapters again; "
+                                     "lora-hub then starts a new registry", path=self.path)
 
     def record(self, entry: RegistryEntry) -> RegistryEntry:
         """Adds `entry` or replaces the one of the same name (keeping its creation time); returns what is stored."""
@@ -196,6 +244,45 @@ class Registry:
             result = db.execute("PRAGMA integrity_check").fetchone()[0]
         if result != "ok":
             raise RegistryError(f"the registry database is damaged: {result}", path=self.path)
+
+
+_BUSY_SECONDS = 60
+
+
+def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
+    """A connection to the database at `path`; read-only ones also work where SQLite cannot create its WAL index
+    beside the file (a read-only folder): then without locking, which is safe for a registry nobody here writes."""
+    if not read_only:
+        return sqlite3.connect(path, timeout=_BUSY_SECONDS, isolation_level=None)
+    uri = path.resolve().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=_BUSY_SECONDS, isolation_level=None)
+    try:
+        db.execute("PRAGMA user_version").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Puts the database in WAL mode (a persistent setting, so usually nothing to do). Changing the journal mode
+    takes an exclusive lock that SQLite's busy handler does not wait for, so it is retried here while another
+    process holds the database (two processes opening a new registry at once)."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may change the database (the file, and its folder for the WAL files)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
 def _column(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -101,3 +102,85 @@ def test_a_writer_killed_mid_write_leaves_the_database_consistent(tmp_path: Path
     assert all(e.ranks == list(range(int(e.name.split("/")[1]) % 7)) for e in entries)
     registry.record(_entry("after/kill", tmp_path))
     assert registry.latest().name == "after/kill"
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "directory":
+        path.mkdir(parents=True)
+        return
+    Registry(path.parent).record(_entry("acme/a", path.parent))
+    data = bytearray(path.read_bytes())
+    if how == "garbage":
+        data = bytearray(b"this is not a database at all " * 200)
+    elif how == "bit-flipped":
+        for offset in range(0, 100):  # the SQLite header: magic string, page size, format numbers
+            data[offset] ^= 0x5A
+    elif how == "truncated":
+        data = data[:1000]
+    path.write_bytes(bytes(data))
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("how", ["garbage", "bit-flipped", "truncated", "directory"])
+def test_a_damaged_registry_gives_one_error_line_in_list_and_rm(how: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _damage(home / "registry.db", how)
+    for args in (["list"], ["rm", "acme/a"], ["list", "--json"]):
+        result = subprocess.run([sys.executable, "-m", "lora_hub_cli", *args], capture_output=True, text=True,
+                                env={**_env(), "LORA_HUB_HOME": str(home)}, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "[REGISTRY_UNUSABLE]" in result.stderr and ("move it aside" in result.stderr), result.stderr
+    with pytest.raises(RegistryError) as caught:
+        Registry(home).list()
+    assert caught.value.code == "REGISTRY_UNUSABLE"
+
+
+def test_two_processes_opening_a_new_registry_at_once_both_succeed(tmp_path: Path) -> None:
+    code = ("import sys; from lora_hub.registry import Registry, RegistryEntry; "
+            "Registry(sys.argv[1]).record(RegistryEntry(name=sys.argv[2], path='/nowhere'))")
+    for attempt in range(5):
+        home = tmp_path / f"home{attempt}"
+        processes = [subprocess.Popen([sys.executable, "-c", code, str(home), f"p/{n}"], stderr=subprocess.PIPE,
+                                      text=True) for n in range(4)]
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+        assert [p.returncode for p in processes] == [0, 0, 0, 0], errors
+        assert len(Registry(home).list()) == 4
+
+
+def test_reading_a_missing_registry_creates_nothing(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "nowhere" / "home")
+    assert registry.list() == [] and "acme/a" not in registry
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_read_only_registry_lists_and_refuses_changes_with_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    Registry(home).record(_entry("acme/a", tmp_path))
+    script = (f"{sys.executable} -m lora_hub_cli list; echo rc=$?; "
+              f"{sys.executable} -m lora_hub_cli rm acme/a; echo rc=$?")
+    if os.geteuid() == 0:  # root writes anywhere: make the folder read-only with a bind mount of its own
+        command = ["unshare", "-m", "sh", "-c", f"mount --bind -o ro {home} {home} && {{ {script}; }}"]
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {home} {home}"],
+                               capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip("root without mount namespaces: a read-only folder cannot be made here")
+    else:
+        home.chmod(0o555)
+        (home / "registry.db").chmod(0o444)
+        command = ["sh", "-c", script]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                env={**_env(), "LORA_HUB_HOME": str(home)})
+    finally:
+        home.chmod(0o755)
+    assert "acme/a" in result.stdout and "rc=0" in result.stdout.splitlines()[-2], result
+    assert result.stdout.splitlines()[-1] == "rc=1", result
+    assert "Traceback" not in result.stderr and "[REGISTRY_UNUSABLE]" in result.stderr, result.stderr
+    assert "read-only" in result.stderr
+    assert [e.name for e in Registry(home).list()] == ["acme/a"]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "LORA_HUB_DEBUG"}
