@@ -59,6 +59,8 @@ from .errors import NotLoraHubFileError as NotLoraHubFileError
 from .errors import OffsetOutOfRangeError as OffsetOutOfRangeError
 from .errors import OffsetOverlapError as OffsetOverlapError
 from .errors import ParameterRequiredError as ParameterRequiredError
+from .errors import PatternTooComplexError as PatternTooComplexError
+from .errors import PatternUnsupportedError as PatternUnsupportedError
 from .errors import PeftConfigError as PeftConfigError
 from .errors import PickleRefusedError as PickleRefusedError
 from .errors import RankMismatchError as RankMismatchError
@@ -165,6 +167,8 @@ __all__ = [
     "OffsetOutOfRangeError",
     "OffsetOverlapError",
     "ParameterRequiredError",
+    "PatternTooComplexError",
+    "PatternUnsupportedError",
     "PeftConfigError",
     "PickleRefusedError",
     "PushResult",

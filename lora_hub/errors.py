@@ -241,6 +241,20 @@ class UnsupportedFeatureError(ConversionError):
     code = "FEATURE_UNSUPPORTED"
 
 
+class PatternUnsupportedError(ConversionError):
+    """A regular expression from the adapter's config uses a construct without a linear-time match (backreference,
+    lookaround); it is not run."""
+
+    code = "PATTERN_UNSUPPORTED"
+
+
+class PatternTooComplexError(ConversionError):
+    """A regular expression from the adapter's config is over the size limit, or the config's patterns would need
+    more tests than the budget allows."""
+
+    code = "PATTERN_TOO_COMPLEX"
+
+
 class ParameterRequiredError(ConversionError, TypeError):
     """The layout does not record a value the conversion needs (loralib's alpha, an ambiguous enable_lora)."""
 

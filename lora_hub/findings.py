@@ -82,6 +82,13 @@ CATALOGUE: dict[str, Code] = {
                                 "Fix adapter_config.json (r, lora_alpha, patterns)."),
     "FEATURE_UNSUPPORTED": Code(ERR, "A feature outside format v1: DoRA, embedding or conv LoRA, trained biases, "
                                    "a PEFT method other than LoRA.", "Use PEFT for this adapter."),
+    "PATTERN_UNSUPPORTED": Code(ERR, "A regular expression in adapter_config.json (target_modules, rank_pattern, "
+                                     "alpha_pattern) uses a construct without a linear-time match, such as a "
+                                     "backreference or a lookaround; it was not run.",
+                                "Rewrite the pattern without it, or list the module names."),
+    "PATTERN_TOO_COMPLEX": Code(ERR, "A regular expression in adapter_config.json is over 64 KiB, or the config's "
+                                     "patterns would need more than 4,000,000 tests to match every module.",
+                                "Use fewer, shorter patterns, or list the module names."),
     "PARAMETER_REQUIRED": Code(ERR, "The layout does not record a value conversion needs (loralib's alpha).",
                                "Pass it: alpha=, enable_lora= (CLI: --alpha, --enable-lora)."),
     "MODULE_CONFLICT": Code(ERR, "A module is both adapted and saved in a way no loader can apply.",

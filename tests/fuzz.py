@@ -1,8 +1,10 @@
 """Property-based fuzzing of the reader and the validator (hypothesis).
 
 Valid files are mutated (bit flips, truncation, header token edits, spliced bytes, forged length prefixes) and PEFT
-configs are given wrong types and values. The properties: validation never raises and never reports
-INTERNAL_ERROR, and whatever the header tier accepts can be loaded and read in full.
+configs are given wrong types and values, and regular expressions built to backtrack (nested quantifiers,
+alternations of overlapping strings, backreferences, lookarounds) in target_modules, rank_pattern and alpha_pattern.
+The properties: validation never raises, never reports INTERNAL_ERROR and finishes in seconds, and whatever the
+header tier accepts can be loaded and read in full.
 
 CI runs a bounded budget (tests/test_fuzz.py). For a longer run, from the repository root:
 
@@ -76,12 +78,23 @@ def mutants(draw) -> bytes:
     return bytes(data)
 
 
+_REGEX_ATOMS = ["a", "a+", "a*", "(a+)+", "(a|aa)+", "(a|a)*", "(.*a){8}", ".*", "\\.", "q_proj", "[a-z]+",
+                "(", ")", "|", "$", "^", "?", "{2,}", "\\1", "(?=a)", "(?<!b)", "(?i)", "b"]
+
+
+@st.composite
+def regexes(draw) -> str:
+    """Patterns made to backtrack, to be invalid, or to need what RE2 lacks."""
+    return "".join(draw(st.lists(st.sampled_from(_REGEX_ATOMS), min_size=1, max_size=10)))
+
+
 @st.composite
 def peft_configs(draw) -> dict:
     anything = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
                          st.text(max_size=8), st.lists(st.booleans(), max_size=4),
                          st.lists(st.text("qkv_proj.*()[", max_size=6), max_size=3),
-                         st.dictionaries(st.text("q_proj.*(", max_size=6), st.integers(-1, 64), max_size=3))
+                         st.dictionaries(st.text("q_proj.*(", max_size=6), st.integers(-1, 64), max_size=3),
+                         regexes(), st.dictionaries(regexes(), st.integers(1, 64), max_size=3))
     keys = ["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "enable_lora", "fan_in_fan_out",
             "use_rslora", "modules_to_save", "task_type", "bias", "base_model_name_or_path", "peft_type", "use_dora"]
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
@@ -105,17 +118,24 @@ def check_file(data: bytes, folder: Path) -> None:
 
 
 PEFT_WEIGHTS: dict[str, torch.Tensor] = {
-    f"base_model.model.model.layers.{i}.self_attn.q_proj.{f}.weight": torch.ones(shape)
-    for i in range(2) for f, shape in (("lora_A", (4, 8)), ("lora_B", (8, 4)))}
+    f"base_model.model.{module}.{f}.weight": torch.ones(shape)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "a" * 40 + "b")
+    for f, shape in (("lora_A", (4, 8)), ("lora_B", (8, 4)))}
+"""Two ordinary modules, and one whose name makes backtracking patterns explode."""
+SECONDS_PER_CONFIG = 10.0
 
 
 def check_peft(config: dict, folder: Path) -> None:
+    import time
+
     from safetensors.torch import save_file
 
     save_file(PEFT_WEIGHTS, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
     report = lora_hub.validate(folder, profile="peft")
     assert "INTERNAL_ERROR" not in report.codes, (config, report.findings)
+    assert time.perf_counter() - start < SECONDS_PER_CONFIG, config
 
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

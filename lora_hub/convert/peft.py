@@ -32,6 +32,7 @@ from ..errors import (
     UnsupportedFeatureError,
     UntargetedModulesWarning,
 )
+from ..patterns import KeyPatterns, PatternBudget, fullmatch
 from .layouts import Detected, detect_layout
 from .loralib import module_spec
 from .weights import load_weights
@@ -99,6 +100,9 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
     pairs, others = _split_tensors(tensors, config)
     specs, out = {}, {}
     untargeted = []
+    budget = PatternBudget()
+    ranks = KeyPatterns(rank_pattern, what="rank_pattern", budget=budget)
+    alphas = KeyPatterns(alpha_pattern, what="alpha_pattern", budget=budget)
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise MissingTensorError(f"module '{module}' has lora_{''.join(pair)} but not both lora_A and lora_B")
@@ -109,15 +113,15 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
         try:
             specs[module] = module_spec(
                 module, a.shape, b.shape,
-                r=_pattern_value(rank_pattern, module, r0),
-                alpha=_pattern_value(alpha_pattern, module, alpha0),
+                r=ranks.value(module, r0),
+                alpha=alphas.value(module, alpha0),
                 enable_lora=enable_lora, out_features=None,
                 fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
                 rslora=bool(config.get("use_rslora", False)),
             )
         except RankMismatchError as e:
             raise PeftConfigError(f"adapter_config.json contradicts the tensors: {e.message}") from e
-        if not _targeted(config.get("target_modules"), module):
+        if not _targeted(config.get("target_modules"), module, budget):
             untargeted.append(module)
         out[f"{C.TENSOR_PREFIX}{module}{C.LORA_A_SUFFIX}"] = a
         out[f"{C.TENSOR_PREFIX}{module}{C.LORA_B_SUFFIX}"] = b
@@ -260,26 +264,14 @@ def _merged_linear_b(module: str, b: torch.Tensor, enable_lora: list[bool] | Non
     return b[:, :, 0]
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's get_pattern_key: the first key whose regex matches the end of the module path at a dot boundary."""
-    for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error as e:
-            raise PeftConfigError(f"pattern {key!r} in rank_pattern/alpha_pattern is not a valid regex: {e}") from e
-    return default
-
-
-def _targeted(targets: str | list[str] | None, module: str) -> bool:
+def _targeted(targets: str | list[str] | None, module: str, budget: PatternBudget) -> bool:
     """PEFT's target_modules test (a string is a full-match regex; list entries match whole trailing segments)."""
     if targets is None:
         return True
     if isinstance(targets, str):
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error as e:
-            raise PeftConfigError(f"target_modules {targets!r} is not a valid regex: {e}") from e
+        budget.spend(1, "target_modules")
+        return fullmatch(targets, module, what="target_modules")
+    budget.spend(len(targets), "target_modules")
     return module in targets or any(module.endswith("." + t) for t in targets)
 
 
