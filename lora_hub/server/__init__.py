@@ -1,6 +1,7 @@
 """A Hub-compatible server (`lora-hub serve`): the embedded default for offline, air-gapped and CI use, and the Hub
 the tests talk to with the real huggingface_hub client. The wire protocol is the one huggingface_hub 2.x speaks
-(see HUB_PROTOCOL.md in the project's shared documents); storage is objects on disk by sha256 plus SQLite.
+(docs/HUB_PROTOCOL.md); storage is objects on disk by sha256 plus SQLite (store.py); the routes are in app.py, the
+handlers in reading.py, writing.py and lfs.py, and connections.py bounds how long a connection may idle.
 """
 
 from __future__ import annotations
@@ -39,12 +40,17 @@ def _socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(root: str | os.PathLike[str], multipart_chunk_size: int | None):
+def _server(root: str | os.PathLike[str], multipart_chunk_size: int | None, head_timeout: float | None = None):
     import uvicorn
+
+    from .connections import BoundedH11Protocol
 
     options = {} if multipart_chunk_size is None else {"multipart_chunk_size": multipart_chunk_size}
     app = HubApp(Store(root), **options)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    protocol = BoundedH11Protocol if head_timeout is None else \
+        type("BoundedH11Protocol", (BoundedH11Protocol,), {"head_timeout": head_timeout})
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30,
+                            http=protocol)
     return uvicorn.Server(config)
 
 
@@ -76,10 +82,11 @@ class RunningServer:
 
 @contextmanager
 def running(root: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 0,
-            multipart_chunk_size: int | None = None) -> Iterator[RunningServer]:
-    """A server in a background thread of this process, stopped on exit (the demo's embedded Hub)."""
+            multipart_chunk_size: int | None = None, head_timeout: float | None = None) -> Iterator[RunningServer]:
+    """A server in a background thread of this process, stopped on exit (the demo's embedded Hub).
+    `head_timeout`: seconds a connection may take to send a request head (default 30)."""
     sock = _socket(host, port)
-    server = _server(root, multipart_chunk_size)
+    server = _server(root, multipart_chunk_size, head_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lora-hub-server", daemon=True)
     thread.start()
     handle = RunningServer(_url(host, sock.getsockname()[1]), Path(root), thread, server)

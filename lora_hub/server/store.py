@@ -19,12 +19,13 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 REPO_TYPES = ("model", "dataset", "space")
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (token_sha256 TEXT PRIMARY KEY, user TEXT NOT NULL, write INTEGER NOT NULL,
@@ -37,7 +38,11 @@ CREATE TABLE IF NOT EXISTS commits (repo INTEGER NOT NULL REFERENCES repos(id), 
                                     date REAL NOT NULL, files TEXT NOT NULL, PRIMARY KEY (repo, oid));
 CREATE TABLE IF NOT EXISTS refs (repo INTEGER NOT NULL REFERENCES repos(id), name TEXT NOT NULL,
                                  kind TEXT NOT NULL, oid TEXT NOT NULL, PRIMARY KEY (repo, name));
+CREATE TABLE IF NOT EXISTS repo_objects (repo INTEGER NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (repo, sha256))
+    WITHOUT ROWID;
 """
+SCHEMA_VERSION = 2
+"""2 added repo_objects: which objects each repository may reference (filled from old commits on upgrade)."""
 
 
 class StoreError(Exception):
@@ -110,13 +115,39 @@ def check_name(part: str, what: str) -> str:
 
 
 def check_path(path: str) -> str:
-    """A file path inside a repository: relative, '/'-separated, no '.', '..' or empty parts, no NUL or backslash."""
+    """A file path inside a repository that every client can download and store: relative, '/'-separated, no '.',
+    '..' or empty parts, no backslash, no control character, no part that Windows reads as a drive ('C:x'), and no
+    part over 255 bytes (what file systems hold); huggingface_hub refuses to download the rest.
+
+    Raises:
+        StoreError: 400, naming the path and the rule.
+    """
     parts = path.split("/")
-    if (not path or len(path.encode()) > 1024 or path.startswith("/") or "\\" in path or "\0" in path
-            or any(part in ("", ".", "..") for part in parts)):
-        raise StoreError(400, f"invalid file path {path!r} in repository: paths are relative, use '/' and hold "
-                              "no '.', '..' or empty parts")
+    problem = None
+    if not path or len(path.encode("utf-8", "surrogatepass")) > 1024:
+        problem = "paths are 1 to 1024 bytes long"
+    elif path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        problem = "paths are relative and hold no '.', '..' or empty parts"
+    elif "\\" in path or _CONTROL.search(path):
+        problem = "paths hold no backslash and no control character"
+    elif any(PureWindowsPath(part).drive for part in parts):
+        problem = "no part of a path may look like a Windows drive ('C:...')"
+    elif any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts):
+        problem = "each part of a path is at most 255 bytes"
+    if problem:
+        raise StoreError(400, f"invalid file path {path[:200]!r} in repository: {problem}")
     return path
+
+
+def _check_no_file_folder_clash(files: Mapping[str, FileEntry]) -> None:
+    """No file may have the path of a folder of another file ('coll' beside 'coll/x'): no client can store both."""
+    for path in files:
+        parent = path
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            if parent in files:
+                raise StoreError(400, f"invalid file path {parent!r} in repository: it is a file and also the "
+                                      f"folder of {path!r}")
 
 
 class Store:
@@ -129,12 +160,20 @@ class Store:
         for folder in (self.objects, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "hub.db"
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        with self._write() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                for repo, text in db.execute("SELECT repo, files FROM commits").fetchall():
+                    db.executemany("INSERT OR IGNORE INTO repo_objects VALUES (?, ?)",
+                                   [(repo, entry[0]) for entry in json.loads(text).values()])
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA synchronous=NORMAL")
         return db
@@ -200,9 +239,14 @@ class Store:
         with self._read() as db:
             return _repo_row(db, repo_type, namespace, name)
 
+    def repo_by_id(self, repo_id: int) -> Repo | None:
+        with self._read() as db:
+            row = db.execute("SELECT type, namespace, name FROM repos WHERE id = ?", (repo_id,)).fetchone()
+            return _repo_row(db, *row) if row else None
+
     def delete_repo(self, repo: Repo) -> None:
         with self._write() as db:
-            for table in ("refs", "commits"):
+            for table in ("refs", "commits", "repo_objects"):
                 db.execute(f"DELETE FROM {table} WHERE repo = ?", (repo.id,))
             db.execute("DELETE FROM repos WHERE id = ?", (repo.id,))
 
@@ -273,6 +317,11 @@ class Store:
                         raise StoreError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                     for p in gone:
                         del files[p]
+            _check_no_file_folder_clash(files)
+            for kind, path, entry in operations:
+                if kind == "add" and not _held(db, repo, entry.sha256):
+                    raise StoreError(400, f"Your push was rejected because an LFS pointer pointed to a file that "
+                                          f"does not exist: {path} (sha256 {entry.sha256}); upload it first")
             oid = _insert_commit(db, repo.id, head.oid, title, message, author, time.time(), files)
             if create_pr:
                 count = db.execute("SELECT COUNT(*) FROM refs WHERE repo = ? AND kind = 'pr'", (repo.id,)).fetchone()
@@ -289,8 +338,18 @@ class Store:
         return self.objects / sha256[:2] / sha256
 
     def has_object(self, sha256: str, size: int | None = None) -> bool:
+        """Whether the object is stored, for any repository (not something to tell a client: see `holds`)."""
         path = self.object_path(sha256)
         return path.is_file() and (size is None or path.stat().st_size == size)
+
+    def holds(self, repo: Repo, sha256: str, size: int) -> bool:
+        """Whether `repo` may reference the object: one of its commits does, or it was uploaded for it."""
+        with self._read() as db:
+            return _held(db, repo, sha256) and self.has_object(sha256, size)
+
+    def _record(self, repo: Repo, sha256: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO repo_objects VALUES (?, ?)", (repo.id, sha256))
 
     @contextmanager
     def new_object(self) -> Iterator[_ObjectWriter]:
@@ -303,11 +362,11 @@ class Store:
             writer.file.close()
             Path(name).unlink(missing_ok=True)
 
-    def put_bytes(self, data: bytes) -> FileEntry:
-        """Stores a regular (non-LFS) file, whose content arrived inside a commit."""
+    def put_bytes(self, data: bytes, repo: Repo) -> FileEntry:
+        """Stores a regular (non-LFS) file, whose content arrived inside a commit to `repo`."""
         with self.new_object() as writer:
             writer.write(data)
-            entry = writer.finish()
+            entry = writer.finish(repo=repo)
         return FileEntry(entry.sha256, entry.size, git_blob_sha1(data), False)
 
 
@@ -322,8 +381,9 @@ class _ObjectWriter:
         self.sha256.update(chunk)
         self.size += len(chunk)
 
-    def finish(self, *, expect_sha256: str | None = None, expect_size: int | None = None) -> FileEntry:
-        """Checks the hash and size, then renames the file into objects/; returns it as an LFS entry."""
+    def finish(self, *, repo: Repo, expect_sha256: str | None = None, expect_size: int | None = None) -> FileEntry:
+        """Checks the hash and size, renames the file into objects/ and records it for `repo`; returns it as an LFS
+        entry."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -335,11 +395,17 @@ class _ObjectWriter:
         target = self.store.object_path(digest)
         target.parent.mkdir(exist_ok=True)
         os.replace(self.path, target)
+        self.store._record(repo, digest)
         return lfs_entry(digest, self.size)
 
 
 def lfs_entry(sha256: str, size: int) -> FileEntry:
     return FileEntry(sha256, size, "", True)
+
+
+def _held(db: sqlite3.Connection, repo: Repo, sha256: str) -> bool:
+    return db.execute("SELECT 1 FROM repo_objects WHERE repo = ? AND sha256 = ?", (repo.id, sha256)).fetchone() \
+        is not None
 
 
 def _token_key(token: str) -> str:
