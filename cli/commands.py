@@ -12,6 +12,8 @@ import click
 
 import lora_hub
 
+from .terminal import echo
+
 
 def debug_enabled() -> bool:
     """LORA_HUB_DEBUG=1 shows tracebacks and third-party warnings and progress bars."""
@@ -43,14 +45,14 @@ def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, al
     """Summarise the adapter at PATH: base model, modules, ranks, dtypes, size, layout."""
     summary = lora_hub.summarize(path, allow_pickle=allow_pickle, alpha=alpha)
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), indent=2))
+        echo(json.dumps(summary.to_dict(), indent=2))
         return
     for label, value in _summary_lines(summary):
-        click.echo(f"{label:<17}{value}")
+        echo(f"{label:<17}{value}")
     if show_modules:
         for name, spec in summary.modules.items():
             flags = f" enable_lora={spec['enable_lora']}" if spec["enable_lora"] else ""
-            click.echo(f"  {name}  r={spec['r']} alpha={spec['alpha']} in={spec['in_features']} "
+            echo(f"  {name}  r={spec['r']} alpha={spec['alpha']} in={spec['in_features']} "
                        f"out={spec['out_features']}{' fan_in_fan_out' if spec['fan_in_fan_out'] else ''}{flags}")
 
 
@@ -110,7 +112,7 @@ def convert(source: str, output: str, target: str, base: str | None, allow_pickl
             raise click.BadParameter(f"'{output}' is a folder; give a file name (or use --to peft)",
                                      param_hint="'-o'")
         written = lora_hub.save_adapter(adapter, output)
-    click.echo(f"wrote {written} ({target}): {len(adapter.modules)} modules, "
+    echo(f"wrote {written} ({target}): {len(adapter.modules)} modules, "
                f"{time.perf_counter() - start:.2f} s")
 
 
@@ -134,17 +136,17 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
                                  alpha=alpha) for path in paths]
     failed = [r for r in reports if r.errors or (strict and r.warnings)]
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        echo(json.dumps([r.to_dict() for r in reports], indent=2))
         return 1 if failed else 0
     for report in reports:
         counts = f"{_count(len(report.errors), 'error')}, {_count(len(report.warnings), 'warning')}"
         tiers = "+".join(report.tiers) or "unread"
         verdict = "INVALID" if report in failed else "valid"
-        click.echo(f"{report.source}: {verdict} ({report.layout or 'unknown layout'}; {tiers}; {counts})")
+        echo(f"{report.source}: {verdict} ({report.layout or 'unknown layout'}; {tiers}; {counts})")
         for finding in report.findings:
             where = f" [{finding.where}]" if finding.where else ""
             fix = "" if finding.severity is lora_hub.Severity.INFO else f" Fix: {finding.fix}"
-            click.echo(f"  {finding.severity.value} {finding.code}{where}: {finding.message}.{fix}")
+            echo(f"  {finding.severity.value} {finding.code}{where}: {finding.message}.{fix}")
     return 1 if failed else 0
 
 
@@ -167,11 +169,11 @@ def apply(adapter: str | None, base: str | None, load_in_8bit: bool, merge: bool
 
     if adapter is None:
         adapter = lora_hub.Registry().latest().name
-        click.echo(f"using {adapter}, the adapter pulled most recently", err=True)
+        echo(f"using {adapter}, the adapter pulled most recently", err=True)
     start = time.perf_counter()
     applied = open_with_adapter(adapter, base=base, load_in_8bit=load_in_8bit, allow_pickle=allow_pickle)
     layers = len(applied.runtime.layers)
-    click.echo(f"{adapter} on {applied.base}{' (8-bit)' if load_in_8bit else ''}: {layers} layers adapted, "
+    echo(f"{adapter} on {applied.base}{' (8-bit)' if load_in_8bit else ''}: {layers} layers adapted, "
                f"{time.perf_counter() - start:.2f} s", err=True)
     if merge or output:
         with click.progressbar(length=layers, label="merging", file=click.get_text_stream("stderr")) as bar:
@@ -180,9 +182,9 @@ def apply(adapter: str | None, base: str | None, load_in_8bit: bool, merge: bool
         applied.runtime.save_merged(output)
         if applied.tokenizer is not None:
             applied.tokenizer.save_pretrained(output)
-        click.echo(f"saved the merged model to {output}", err=True)
+        echo(f"saved the merged model to {output}", err=True)
     if prompt is not None:
-        click.echo(generate(applied, prompt, max_new_tokens=max_new_tokens))
+        echo(generate(applied, prompt, max_new_tokens=max_new_tokens))
 
 
 @click.command()
@@ -199,7 +201,7 @@ def push(path: str, repo: str, private: bool, branch: str | None, message: str |
     also a PEFT adapter, with a model card. The token comes from HF_TOKEN or the saved login."""
     result = lora_hub.push(path, repo, private=private, branch=branch, commit_message=message, endpoint=endpoint,
                            allow_pickle=allow_pickle)
-    click.echo(f"pushed {path} to {result.url} ({result.revision} @ {result.commit[:12]})")
+    echo(f"pushed {path} to {result.url} ({result.revision} @ {result.commit[:12]})")
 
 
 @click.command()
@@ -215,9 +217,9 @@ def pull(repo: str, revision: str | None, force: bool, endpoint: str | None) -> 
     path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint)
     entry = lora_hub.Registry().get(registry_name(repo, revision))
     flag = "" if entry.valid else f"  INVALID ({', '.join(entry.findings)})"
-    click.echo(f"{entry.name} @ {entry.commit_sha[:12]}: {_size(entry.size)}, rank {_ranks(entry)}, "
+    echo(f"{entry.name} @ {entry.commit_sha[:12]}: {_size(entry.size)}, rank {_ranks(entry)}, "
                f"base {entry.base_model or '?'}{flag}")
-    click.echo(str(path))
+    echo(str(path))
 
 
 @click.command(name="list")
@@ -227,17 +229,17 @@ def list_(as_json: bool) -> None:
     registry = lora_hub.Registry()
     entries = registry.list()
     if as_json:
-        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
     if not entries:
-        click.echo(f"no adapters in {registry.path}: pull one (lora-hub pull REPO)")
+        echo(f"no adapters in {registry.path}: pull one (lora-hub pull REPO)")
         return
     rows = [("NAME", "COMMIT", "RANK", "SIZE", "BASE", "PULLED")] + [
         (e.name + ("" if e.valid else " (invalid)"), (e.commit_sha or "-")[:12], _ranks(e), _size(e.size),
          e.base_model or "-", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.updated))) for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @click.command()
@@ -248,7 +250,7 @@ def rm(name: str, from_cache: bool) -> None:
     from lora_hub.hub import remove
 
     entry = remove(name, from_cache=from_cache)
-    click.echo(f"removed {entry.name}{' and its cached files' if from_cache else ''}")
+    echo(f"removed {entry.name}{' and its cached files' if from_cache else ''}")
 
 
 @click.command()
@@ -265,8 +267,8 @@ def serve(root: str, host: str, port: int, user: str) -> None:
     tokens = token_file(root, user)
 
     def ready(url: str) -> None:
-        click.echo(f"serving {Path(root).resolve()} at {url}", err=False)
-        click.echo(f"  HF_ENDPOINT={url} HF_TOKEN=$(cat {tokens}) lora-hub push ADAPTER {user}/NAME", err=True)
+        echo(f"serving {Path(root).resolve()} at {url}", err=False)
+        echo(f"  HF_ENDPOINT={url} HF_TOKEN=$(cat {tokens}) lora-hub push ADAPTER {user}/NAME", err=True)
         sys.stdout.flush()
 
     run(root, host=host, port=port, ready=ready)
@@ -322,20 +324,20 @@ def merge(adapters: tuple[str, ...], output: str, weights: list[float] | None, m
     provenance = combined.config.provenance
     weights_text = ", ".join(f"{s['name']} x {s['weight']:g}" for s in provenance["sources"])
     ranks = sorted({r.rank for r in reports})
-    click.echo(f"{method}: {weights_text} -> {path} ({_size(path.stat().st_size)}, "
+    echo(f"{method}: {weights_text} -> {path} ({_size(path.stat().st_size)}, "
                f"{time.perf_counter() - start:.2f} s)")
     shared = sum(r.sources > 1 for r in reports)
-    click.echo(f"{len(reports)} modules ({shared} in more than one adapter), rank "
+    echo(f"{len(reports)} modules ({shared} in more than one adapter), rank "
                f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}")
     energies = [r for r in reports if r.energy is not None]
     if energies:
         worst = min(energies, key=lambda r: r.energy)
         mean = sum(r.energy for r in energies) / len(energies)
         lowrank = sum(r.lowrank for r in energies)
-        click.echo(f"energy kept by the SVD: mean {mean:.2%}, lowest {worst.energy:.2%} ({worst.module})"
+        echo(f"energy kept by the SVD: mean {mean:.2%}, lowest {worst.energy:.2%} ({worst.module})"
                    + (f"; {lowrank} large modules by randomized SVD" if lowrank else ""))
     if provenance["parameters"].get("seed") is not None and method.startswith("dare"):
-        click.echo(f"seed {provenance['parameters']['seed']}")
+        echo(f"seed {provenance['parameters']['seed']}")
 
 
 def _size(n: int) -> str:
@@ -365,16 +367,16 @@ def demo(keep: str | None) -> None:
 
     if not debug_enabled():
         transformers_logging.disable_progress_bar()
-    click.echo("lora-hub demo: offline (an embedded Hub on 127.0.0.1), tiny models built from configs")
+    echo("lora-hub demo: offline (an embedded Hub on 127.0.0.1), tiny models built from configs")
     total = 0.0
 
     def report(step) -> None:
         nonlocal total
         total += step.seconds
-        click.echo(f"  {step.seconds * 1000:9.1f} ms  {step.title}\n               {step.detail}")
+        echo(f"  {step.seconds * 1000:9.1f} ms  {step.title}\n               {step.detail}")
 
     steps = run_demo(keep, report=report)
-    click.echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
+    echo(f"done: {len(steps)} steps in {total:.2f} s; every adapter survived the round trip exactly")
 
 
 ALL_COMMANDS = [inspect, convert, validate, apply, merge, push, pull, list_, rm, serve, demo]

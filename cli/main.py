@@ -15,6 +15,7 @@ import click
 import lora_hub
 
 from .commands import ALL_COMMANDS, debug_enabled
+from .terminal import echo
 
 CLI_ERROR_MAPPINGS: list[tuple[type[BaseException], str]] = [
     (lora_hub.AdapterNotFoundError, "not found"),
@@ -31,7 +32,7 @@ CLI_ERROR_MAPPINGS: list[tuple[type[BaseException], str]] = [
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     if issubclass(category, lora_hub.LoraHubWarning) or debug_enabled():
-        click.echo(f"warning: {message}", err=True)
+        echo(f"warning: {message}", err=True)
 
 
 class LoraHubGroup(click.Group):
@@ -50,14 +51,14 @@ class LoraHubGroup(click.Group):
                 e.show()
                 sys.exit(e.exit_code)
             except click.Abort:
-                click.echo("Aborted.", err=True)
+                echo("Aborted.", err=True)
                 sys.exit(1)
             except tuple(cls for cls, _ in CLI_ERROR_MAPPINGS) as e:
                 if debug_enabled():
                     raise
                 label = next(label for cls, label in CLI_ERROR_MAPPINGS if isinstance(e, cls))
                 code = getattr(e, "code", None)
-                click.echo(f"{label}{f' [{code}]' if isinstance(code, str) else ''}: {e}", err=True)
+                echo(f"{label}{f' [{code}]' if isinstance(code, str) else ''}: {e}", err=True)
                 sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 

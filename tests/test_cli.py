@@ -325,3 +325,22 @@ def test_merge_refuses_non_adapters_and_mismatched_bases(run, tmp_path: Path) ->
     assert mismatch.exit_code == 1 and "[BASE_MISMATCH]" in mismatch.output and "--force" in mismatch.output
     assert not (tmp_path / "out.safetensors").exists()
     assert run("merge", a, b, "--force", "-o", tmp_path / "out.safetensors").exit_code == 0
+
+
+def test_control_characters_from_files_are_escaped_on_the_terminal(run, tmp_path: Path) -> None:
+    hostile = "\x1b]0;pwned\x07\x1b[2J\rfake line\u202eevil"
+    adapter = random_adapter(1).with_config(description=hostile, name="n\x1b[31mred")
+    path = lora_hub.save_adapter(adapter, tmp_path / "a.safetensors")
+    result = run("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\r" not in result.output and "\u202e" not in result.output
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0dfake line\\u202eevil" in result.output
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.x\x1b[2J.lora_A.weight": torch.ones(2, 2)}, weird / "adapter_model.safetensors")
+    (weird / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 2}')
+    for args in (["validate", weird], ["inspect", weird], ["convert", weird, "-o", tmp_path / "o.safetensors"]):
+        result = run(*args)
+        assert result.exit_code == 1 and "\x1b" not in result.output and "\\x1b" in result.output, result.output
