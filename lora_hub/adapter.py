@@ -103,9 +103,9 @@ class ModuleSpec:
         """What is wrong with this spec, as sentences; empty when it is valid."""
         if (type(self.r) is int and 1 <= self.r <= C.MAX_RANK and type(self.in_features) is int
                 and type(self.out_features) is int and self.in_features >= 1 and self.out_features >= 1
-                and type(self.alpha) in (int, float) and 0 < self.alpha < math.inf and type(self.rslora) is bool
-                and type(self.fan_in_fan_out) is bool and self.enable_lora is None):
-            return []  # the common case, checked in one expression
+                and type(self.alpha) in (int, float) and 0 < self.alpha <= C.MAX_SCALING
+                and type(self.rslora) is bool and type(self.fan_in_fan_out) is bool and self.enable_lora is None):
+            return []  # the common case, checked in one expression (alpha <= MAX_SCALING bounds the scaling)
         found = []
         for key in ("r", "in_features", "out_features"):
             value = getattr(self, key)
@@ -115,6 +115,10 @@ class ModuleSpec:
             found.append(f"r={self.r} exceeds the limit of {C.MAX_RANK}")
         if not is_json_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             found.append(f"alpha must be a finite number greater than 0, got {self.alpha!r}")
+        elif is_json_int(self.r) and 1 <= self.r <= C.MAX_RANK and isinstance(self.rslora, bool) and \
+                self.scaling > C.MAX_SCALING:
+            found.append(f"the scaling alpha/{'sqrt(r)' if self.rslora else 'r'} = {self.scaling:.4g} exceeds the "
+                         f"limit of {C.MAX_SCALING:g} (alpha={self.alpha!r}, r={self.r})")
         for key in ("rslora", "fan_in_fan_out"):
             if not isinstance(getattr(self, key), bool):
                 found.append(f"{key} must be true or false, got {getattr(self, key)!r}")
@@ -186,6 +190,13 @@ class AdapterConfig:
     provenance: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for key in ("modules_to_save", "tags"):
+            values = getattr(self, key)
+            if isinstance(values, (str, bytes)) or not all(isinstance(v, str) for v in values):
+                shown = values if isinstance(values, (str, bytes)) else list(values)
+                raise ConfigError(f"{key} must be a list of strings, got {_shown(shown)}")
+        if not all(isinstance(name, str) for name in self.modules):
+            raise ConfigError("module paths must be strings")
         object.__setattr__(self, "modules", dict(sorted(self.modules.items())))
         object.__setattr__(self, "modules_to_save", tuple(sorted(set(self.modules_to_save))))
         object.__setattr__(self, "tags", tuple(self.tags))
@@ -219,8 +230,6 @@ class AdapterConfig:
         for key in ("task_type", "name", "description", "license", "task"):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
-        if not all(isinstance(t, str) for t in self.tags):
-            raise ConfigError(f"tags must be a list of strings, got {list(self.tags)!r}")
         if self.provenance is not None and not isinstance(self.provenance, Mapping):
             raise ConfigError(f"provenance must be an object, got {_json_type(self.provenance)}")
 
@@ -477,6 +486,11 @@ def _overlapping_module(name: str, modules: Mapping[str, ModuleSpec]) -> str | N
 def _canonical_number(value: float) -> int | float:
     """Integral numbers are written as JSON integers, so alpha=32 and alpha=32.0 give the same bytes."""
     return int(value) if float(value).is_integer() else float(value)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json_type(value: object) -> str:

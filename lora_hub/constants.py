@@ -47,6 +47,9 @@ MAX_CONFIG_BYTES = 32 * 1024 * 1024
 MAX_TENSORS = 262_144
 MAX_MODULES = 131_072
 MAX_RANK = 16_384
+MAX_SCALING = 65_504.0
+"""Largest scaling (alpha / r, or alpha / sqrt(r)) a module may have: the largest finite float16, so the scaled
+update can be computed in any floating dtype a base model uses."""
 MAX_NDIM = 8
 MAX_NAME_BYTES = 1_024
 """Longest tensor or module name, in UTF-8 bytes."""

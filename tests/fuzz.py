@@ -1,6 +1,7 @@
 """Property-based fuzzing of the reader and the validator (hypothesis).
 
-Valid files are mutated (bit flips, truncation, header token edits, spliced bytes, forged length prefixes) and PEFT
+Valid files are mutated (bit flips, truncation, header token edits, spliced bytes, forged length prefixes, config
+values replaced by JSON values of any type) and PEFT
 configs are given wrong types and values, and regular expressions built to backtrack (nested quantifiers,
 alternations of overlapping strings, backreferences, lookarounds) in target_modules, rank_pattern and alpha_pattern.
 The properties: validation never raises, never reports INTERNAL_ERROR and finishes in seconds, and whatever the
@@ -51,11 +52,41 @@ def _with_header(data: bytes, header: bytes) -> bytes:
     return struct.pack("<Q", len(header)) + header + data[8 + size:]
 
 
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2**64) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+
+
+def _slots(value, found: list) -> list:
+    """Every (container, key) of a JSON document, depth first."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found.append((value, key))
+        _slots(inner, found)
+    return found
+
+
+def _config_mutant(draw, data: bytearray, size: int) -> bytes:
+    """One value of the lora_hub.config document replaced by any JSON value (wrong types, nesting, huge numbers)."""
+    header = json.loads(bytes(data[8:8 + size]))
+    text = header.get("__metadata__", {}).get("lora_hub.config")
+    if text is None:
+        return bytes(data)
+    config = json.loads(text)
+    container, key = draw(st.sampled_from(_slots(config, [])))
+    container[key] = draw(_JSON_VALUES)
+    header["__metadata__"]["lora_hub.config"] = json.dumps(config)
+    return _with_header(bytes(data), json.dumps(header).encode())
+
+
 @st.composite
 def mutants(draw) -> bytes:
     data = bytearray(draw(st.sampled_from(SEEDS)))
     (size,) = struct.unpack("<Q", data[:8])
-    kind = draw(st.sampled_from(["flip", "flip_header", "truncate", "token", "splice", "length"]))
+    kind = draw(st.sampled_from(["flip", "flip_header", "truncate", "token", "splice", "length", "config"]))
+    if kind == "config":
+        return _config_mutant(draw, data, size)
     if kind in ("flip", "flip_header"):
         limit = 8 + size if kind == "flip_header" else len(data)
         for position in draw(st.lists(st.integers(0, limit - 1), min_size=1, max_size=8)):
@@ -106,6 +137,10 @@ def peft_configs(draw) -> dict:
 def check_file(data: bytes, folder: Path) -> None:
     path = folder / "mutant.safetensors"
     path.write_bytes(data)
+    try:
+        lora_hub.summarize(path)  # inspect: a typed error or a summary, nothing else
+    except lora_hub.LoraHubError:
+        pass
     for level in ("header", "full"):
         report = lora_hub.validate(path, level=level)
         assert "INTERNAL_ERROR" not in report.codes, report.findings

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import constants as C
 from ..adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
 from ..errors import (
+    ConfigError,
     ConversionError,
     LoraHubError,
     MissingTensorError,
@@ -137,8 +138,12 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
             raise ModuleConflictError(f"'{owner}' has both LoRA tensors and saved weights ({clash})")
     out.update({C.TENSOR_PREFIX + path: t for path, t in others.items()})
     base = BaseModelRef(name=config.get("base_model_name_or_path") or None, revision=config.get("revision") or None)
-    adapter_config = AdapterConfig(modules=specs, modules_to_save=tuple(to_save), base_model=base,
-                                   task_type=config.get("task_type") or None)
+    try:
+        adapter_config = AdapterConfig(modules=specs, modules_to_save=tuple(to_save), base_model=base,
+                                       task_type=config.get("task_type") or None)
+    except ConfigError as e:
+        raise PeftConfigError(f"adapter_config.json describes an adapter outside the format's rules: {e.message}"
+                              ) from e
     return Adapter(adapter_config, out)
 
 

@@ -45,12 +45,16 @@ def load_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load must not pick a reader by the name's suffix
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        detail = " ".join(detail.split("Check the documentation")[0].split())[:200] or type(e).__name__
         raise UnsafePickleError(
-            f"the pickle holds objects other than tensors and plain containers, so weights-only loading refused it "
-            f"({first_line[:200]}); lora-hub will not load it with full unpickling", path=path) from e
+            f"weights-only loading refused the pickle ({detail}): it holds objects other than tensors and plain "
+            "containers, or bytes that are not a valid pickle; lora-hub will not load it with full unpickling",
+            path=path) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"the pickle checkpoint is corrupt or truncated: {e}", path=path) from e
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
