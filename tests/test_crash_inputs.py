@@ -51,7 +51,8 @@ def one_line_error(result: subprocess.CompletedProcess, code: str) -> None:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> Path:
-    return lora_hub.save_adapter(random_adapter(3, with_head=False), tmp_path_factory.mktemp("crash") / "a.safetensors")
+    folder = tmp_path_factory.mktemp("crash")
+    return lora_hub.save_adapter(random_adapter(3, with_head=False), folder / "a.safetensors")
 
 
 @pytest.mark.parametrize("changes", [{"module:alpha": 1e308}, {"module:alpha": 4e6}, {"modules_to_save": [[]]},
