@@ -99,12 +99,14 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
 @click.option("--enable-lora", type=BoolList(), help="For loralib MergedLinear modules, e.g. 1,0,1.")
 @click.option("--fan-in-fan-out/--no-fan-in-fan-out", default=None,
               help="For loralib checkpoints of Conv1D (GPT-2) bases, when --base is not given.")
+@click.option("--force", is_flag=True, help="Read a lora-hub file whose bytes fail its checksum anyway; the output "
+                                            "keeps the mismatching checksum, so it stays flagged as corrupt.")
 def convert(source: str, output: str, target: str, base: str | None, allow_pickle: bool, alpha: float | None,
-            rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None) -> None:
+            rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None, force: bool) -> None:
     """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib) to OUTPUT."""
     start = time.perf_counter()
     adapter = lora_hub.convert_adapter(source, base=base, allow_pickle=allow_pickle, alpha=alpha, r=rank,
-                                       enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out)
+                                       enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out, force=force)
     if target == "peft":
         written = lora_hub.to_peft(adapter, output)
     else:

@@ -31,11 +31,14 @@ from .errors import AdapterRejectedError as AdapterRejectedError
 from .errors import BaseModelError as BaseModelError
 from .errors import BaseModelMismatchError as BaseModelMismatchError
 from .errors import BufferHoleError as BufferHoleError
+from .errors import ChecksumMismatchError as ChecksumMismatchError
+from .errors import ChecksumMismatchWarning as ChecksumMismatchWarning
 from .errors import CombineError as CombineError
 from .errors import ConfigError as ConfigError
 from .errors import ConfigMissingError as ConfigMissingError
 from .errors import ConversionError as ConversionError
 from .errors import FanInFanOutCorrectedWarning as FanInFanOutCorrectedWarning
+from .errors import FileChangedError as FileChangedError
 from .errors import FileTruncatedError as FileTruncatedError
 from .errors import FormatVersionError as FormatVersionError
 from .errors import HeaderEncodingError as HeaderEncodingError
@@ -93,6 +96,7 @@ from .format import load_adapter as load_adapter
 from .format import read_header as read_header
 from .format import read_safetensors_header as read_safetensors_header
 from .format import save_adapter as save_adapter
+from .format import verify_checksum as verify_checksum
 from .hub import PushResult as PushResult
 from .hub import pull as pull
 from .hub import push as push
@@ -132,12 +136,15 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelRef",
     "BufferHoleError",
+    "ChecksumMismatchError",
+    "ChecksumMismatchWarning",
     "CombineError",
     "ConfigError",
     "ConfigMissingError",
     "ConversionError",
     "FORMAT_VERSION",
     "FanInFanOutCorrectedWarning",
+    "FileChangedError",
     "FileTruncatedError",
     "Finding",
     "FormatVersionError",
@@ -217,4 +224,5 @@ __all__ = [
     "summarize",
     "to_peft",
     "validate",
+    "verify_checksum",
 ]

@@ -395,6 +395,9 @@ class Adapter:
         self.config = config
         self.tensors = tensors
         self.source = source
+        self.checksum_mismatch: str | None = None
+        """The tensors_sha256 its file records and its bytes failed, when it was read anyway (force=True): whatever
+        is written from this adapter keeps that checksum, so the corruption stays detectable."""
 
     @property
     def modules(self) -> Mapping[str, ModuleSpec]:
@@ -419,7 +422,14 @@ class Adapter:
 
     def with_config(self, **changes: Any) -> Adapter:
         """A copy with some config fields replaced (descriptive fields such as name, task, tags, license)."""
-        return Adapter(replace(self.config, **changes), self.tensors, source=self.source, _checked=True)
+        return self.derived(replace(self.config, **changes), self.tensors)
+
+    def derived(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> Adapter:
+        """An adapter made from this one (a new config, or tensors rewritten to the same effect): it keeps the source
+        and a checksum mismatch the original was read with. The caller vouches that the two fit."""
+        adapter = Adapter(config, tensors, source=self.source, _checked=True)
+        adapter.checksum_mismatch = self.checksum_mismatch
+        return adapter
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape by name, without materialising memory-mapped tensors."""
@@ -428,7 +438,9 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """The bytes of every tensor (from the header, for tensors still in their file)."""
+        known = getattr(self.tensors, "nbytes", None)
+        return known if known is not None else sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.config.modules)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from .adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
-from .errors import BaseModelMismatchError, CombineError
+from .errors import BaseModelMismatchError, ChecksumMismatchError, CombineError
 
 if TYPE_CHECKING:
     import torch
@@ -226,7 +226,15 @@ def _method(name: str) -> Method:
 
 
 def _read(source: Adapter | str | os.PathLike[str]) -> Adapter:
+    """A source to combine: a corrupt one (bytes that fail their checksum) is refused, never mixed into a new file
+    with a fresh checksum."""
+    from .format import verify_checksum
+
     if isinstance(source, Adapter):
+        verify_checksum(source)
+        if source.checksum_mismatch is not None:
+            raise ChecksumMismatchError("the adapter was read despite a checksum mismatch (forced); corrupt bytes "
+                                        "are not combined into a new adapter", path=source.source)
         return source
     from .convert import convert_adapter
     from .hub import locate

@@ -173,6 +173,20 @@ class AdapterNotFoundError(LoraHubError, FileNotFoundError):
     code = "NOT_FOUND"
 
 
+class FileChangedError(LoraHubError, OSError):
+    """The file was replaced or changed between reading its header and reading its tensors (not a fault of the file:
+    read it again)."""
+
+    code = "FILE_CHANGED"
+
+
+class ChecksumMismatchError(LoraHubError, ValueError):
+    """The tensor bytes do not match the file's recorded tensors_sha256: the file is corrupt. Nothing is written from
+    it unless the caller forces it, and then what is written keeps the mismatching checksum."""
+
+    code = "CHECKSUM_MISMATCH"
+
+
 class ConversionError(LoraHubError, ValueError):
     """A foreign adapter layout could not be read into a lora-hub Adapter."""
 
@@ -404,6 +418,12 @@ class FanInFanOutCorrectedWarning(LoraHubWarning):
     """The source's fan_in_fan_out contradicted the base layer kind and was corrected from the layer."""
 
     code = "FAN_IN_FAN_OUT_IN_CONFIG"
+
+
+class ChecksumMismatchWarning(LoraHubWarning):
+    """A file whose bytes do not match its recorded checksum was read because the caller forced it."""
+
+    code = "CHECKSUM_MISMATCH_FORCED"
 
 
 class UntargetedModulesWarning(LoraHubWarning):

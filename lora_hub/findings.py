@@ -65,6 +65,8 @@ CATALOGUE: dict[str, Code] = {
     "SHAPE_MISMATCH": Code(ERR, "The config contradicts the tensor shapes.", "Fix r, the features or enable_lora."),
     # Reading: sources and conversion
     "NOT_FOUND": Code(ERR, "Nothing at the path, or a folder with no adapter in it.", "Check the path."),
+    "FILE_CHANGED": Code(ERR, "The file was replaced or changed after its header was read.",
+                         "Read it again; do not change a file while it is being read."),
     "READ_FAILED": Code(ERR, "The operating system refused to read the file.", "Check permissions and the disk."),
     "LAYOUT_UNSUPPORTED": Code(ERR, "A known layout that lora-hub does not read (diffusers, kohya, MLX, GGUF).",
                                "Use the tool made for that layout."),
@@ -128,6 +130,9 @@ CATALOGUE: dict[str, Code] = {
     "INTERNAL_ERROR": Code(ERR, "lora-hub failed unexpectedly while checking this file.",
                            "Report it with the file if you can; the file was not accepted."),
     # Conversion notes
+    "CHECKSUM_MISMATCH_FORCED": Code(WARN, "A file whose bytes fail its recorded checksum was read because the "
+                                          "caller forced it; what is written from it keeps that checksum.",
+                                     "Re-download or re-export the file."),
     "UNTARGETED_MODULES": Code(WARN, "Modules have LoRA tensors that adapter_config.json's target_modules does not "
                                   "match; PEFT would ignore them, lora-hub keeps them.",
                                "Fix target_modules, or drop those tensors."),

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ from .adapter import Adapter, AdapterConfig, check_tensor_index
 from .errors import (
     AdapterNotFoundError,
     BufferHoleError,
+    ChecksumMismatchError,
+    ChecksumMismatchWarning,
     FileTruncatedError,
     FormatVersionError,
     HeaderEncodingError,
@@ -66,6 +69,10 @@ class TensorInfo(NamedTuple):
         return math.prod(self.shape)
 
 
+FileIdentity = tuple[int, int, int, int]
+"""(device, inode, size, modification time in ns) of a file when its header was read."""
+
+
 @dataclass(frozen=True)
 class SafetensorsHeader:
     """A checked safetensors header: every tensor's range is inside the file, and the ranges tile the buffer."""
@@ -75,6 +82,8 @@ class SafetensorsHeader:
     header_size: int
     metadata: Mapping[str, str]
     tensors: Mapping[str, TensorInfo]
+    identity: FileIdentity | None = None
+    """The file the header was read from: tensors are read from that file only (see `tensors.FileTensors`)."""
 
     @property
     def data_offset(self) -> int:
@@ -119,7 +128,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except IsADirectoryError as e:
         raise AdapterNotFoundError("is a directory; give the adapter file inside it", path=path) from e
     with f:
-        size = os.fstat(f.fileno()).st_size
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
         if size < 8:
             raise FileTruncatedError(
                 f"the file is {size} bytes long; a safetensors file starts with an 8-byte header length", path=path)
@@ -140,7 +150,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except LoraHubError as e:
         e.locate(path)
         raise
-    return SafetensorsHeader(path, size, header_size, metadata, tensors)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return SafetensorsHeader(path, size, header_size, metadata, tensors, identity)
 
 
 def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
@@ -173,10 +184,11 @@ def adapter_header(header: SafetensorsHeader) -> AdapterHeader:
 
 
 def load_adapter(path: str | os.PathLike[str] | AdapterHeader) -> Adapter:
-    """Opens a lora-hub file (or the file of an already read header). Tensors stay memory-mapped and are created on
-    first access.
+    """Opens a lora-hub file (or the file of an already read header). Tensors are read when they are asked for
+    (see `tensors.FileTensors`).
 
     Raises:
+        FileChangedError: A header was given, and its file has been replaced or changed since it was read.
         Every error of `read_header`.
 
     Example:
@@ -184,11 +196,38 @@ def load_adapter(path: str | os.PathLike[str] | AdapterHeader) -> Adapter:
         >>> adapter.lora_A("model.layers.0.self_attn.q_proj").shape
         torch.Size([16, 64])
     """
-    from .tensors import MappedTensors
+    from .tensors import FileTensors
 
     header = path if isinstance(path, AdapterHeader) else read_header(path)
-    tensors = MappedTensors(header.path, header.safetensors.data_offset, header.tensors)
+    tensors = FileTensors(header.path, header.safetensors.data_offset, header.tensors,
+                          identity=header.safetensors.identity, checksum=header.config.tensors_sha256)
     return Adapter(header.config, tensors, source=header.path, _checked=True)
+
+
+def verify_checksum(adapter: Adapter, *, force: bool = False) -> None:
+    """Checks a file-backed adapter's tensor bytes against the tensors_sha256 its file records (one streamed read,
+    done once per opened file). Adapters not read from a lora-hub file, or from one without a checksum, pass.
+
+    Args:
+        force: Read a corrupt file anyway: a ChecksumMismatchWarning instead of the error, and the adapter is
+            marked (`Adapter.checksum_mismatch`), so that what is written from it keeps the mismatching checksum.
+
+    Raises:
+        ChecksumMismatchError: The bytes do not match, and `force` is False.
+    """
+    from .tensors import FileTensors
+
+    tensors = adapter.tensors
+    if adapter.checksum_mismatch is not None or not isinstance(tensors, FileTensors) or tensors.intact() is not False:
+        return
+    what = f"the tensor bytes hash to {tensors.digest()}, but the file records {tensors.checksum}: the file is corrupt"
+    if not force:
+        raise ChecksumMismatchError(f"{what}. Re-download or re-export it; nothing was written from it. To read it "
+                                    "anyway pass force=True (CLI: --force): files written from it then keep the "
+                                    "mismatching checksum", path=adapter.source)
+    warnings.warn(ChecksumMismatchWarning(f"'{adapter.source}': {what}; read anyway (forced), and files written from "
+                                          "it keep the mismatching checksum"), stacklevel=3)
+    adapter.checksum_mismatch = tensors.checksum
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bool = True) -> Path:
@@ -208,37 +247,79 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bo
     Raises:
         MissingTensorError, UnexpectedTensorError, ShapeMismatchError, ...: The tensors do not fit the config.
         ValueError: A tensor has a dtype safetensors cannot store, or lives on the meta device.
+        ChecksumMismatchError: The tensors come from a lora-hub file whose bytes do not match its checksum (never
+            laundered into a file with a fresh one; see `verify_checksum` to read such a file anyway).
     """
     from .atomicfile import atomic_write
-    from .tensors import dtype_name, tensor_bytes
+    from .tensors import FileTensors, dtype_name
 
-    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in adapter.tensors.items()}
+    verify_checksum(adapter)
+    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in _shapes_and_dtypes(adapter)}
     check_tensor_index(adapter.config, index)
     order = _buffer_order(index)
-    payload = [tensor_bytes(adapter.tensors[name]) for name in order]
-    digest = hashlib.sha256()
     entries: dict[str, Any] = {}
     offset = 0
-    for name, data in zip(order, payload, strict=True):
-        digest.update(data)
+    for name in order:
         dtype, shape = index[name]
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + data.nbytes]}
-        offset += data.nbytes
-    config = replace(adapter.config, tensors_sha256=digest.hexdigest() if checksum else None)
+        size = math.prod(shape) * C.DTYPES[dtype][0]
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    tensors = adapter.tensors
+    if adapter.checksum_mismatch is not None:
+        digest = adapter.checksum_mismatch  # the corruption stays detectable in what is written
+    elif not checksum:
+        digest = None
+    elif isinstance(tensors, FileTensors) and all(tensors.layout[n].begin == entries[n]["data_offsets"][0]
+                                                  for n in order):
+        digest = tensors.digest()  # the file is laid out as written here: same bytes, same hash (verified above)
+    else:
+        digest = _digest(adapter, order)
+    config = replace(adapter.config, tensors_sha256=digest)
     header = _canonical_header(entries, config)
-    return atomic_write(path, [struct.pack("<Q", len(header)), header, *payload])
+    return atomic_write(path, _file_chunks(header, adapter, order))
+
+
+def _shapes_and_dtypes(adapter: Adapter):
+    """(name, tensor-like with dtype and shape) for every tensor, without reading file-backed tensors."""
+    from .tensors import FileTensors, torch_dtype
+
+    tensors = adapter.tensors
+    if isinstance(tensors, FileTensors):
+        return [(name, _Described(torch_dtype(info.dtype), info.shape)) for name, info in tensors.layout.items()]
+    return list(tensors.items())
+
+
+class _Described(NamedTuple):
+    dtype: Any
+    shape: tuple[int, ...]
+
+
+def _digest(adapter: Adapter, order: list[str]) -> str:
+    """sha256 of the tensor bytes in `order`, one tensor in memory at a time."""
+    from .tensors import tensor_bytes
+
+    digest = hashlib.sha256()
+    for name in order:
+        digest.update(tensor_bytes(adapter.tensors[name]))
+    return digest.hexdigest()
+
+
+def _file_chunks(header: bytes, adapter: Adapter, order: list[str]):
+    from .tensors import tensor_bytes
+
+    yield struct.pack("<Q", len(header))
+    yield header
+    for name in order:
+        yield tensor_bytes(adapter.tensors[name])
 
 
 def tensors_digest(adapter: Adapter) -> str:
     """The sha256 of the adapter's tensor bytes in canonical buffer order: the `tensors_sha256` that `save_adapter`
     records, computed one tensor at a time."""
-    from .tensors import dtype_name, tensor_bytes
+    from .tensors import dtype_name
 
-    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in adapter.tensors.items()}
-    digest = hashlib.sha256()
-    for name in _buffer_order(index):
-        digest.update(tensor_bytes(adapter.tensors[name]))
-    return digest.hexdigest()
+    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in _shapes_and_dtypes(adapter)}
+    return _digest(adapter, _buffer_order(index))
 
 
 def _buffer_order(index: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:

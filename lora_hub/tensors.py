@@ -1,29 +1,30 @@
-"""Tensor bytes: safetensors dtype names, lazily memory-mapped tensors for reading, raw bytes for writing.
+"""Tensor bytes: safetensors dtype names, tensors read from a file on access, raw bytes for writing.
 
-A `MappedTensors` maps the file once (copy-on-write, so writing to a tensor never touches the file) and creates each
-tensor on first access as a view of the mapping: nothing is read from disk until a page is touched, and moving a
-tensor to its device with `.to(device, dtype)` copies straight from the page cache. A `ReadPlan` goes one step
-further for tensors whose destination is already allocated in host memory: positioned reads put the bytes straight
-into it, one copy from the page cache, and a file cut short is detected instead of read as zeros. A plan is made
-once and serves every file of the same layout.
+A `FileTensors` holds the file open (so a file renamed over it later does not change what is read) and reads each
+tensor with a positioned read when it is asked for, into memory of its own: nothing is read until then, a file cut
+short afterwards is a `FileTruncatedError` (never a SIGBUS, as a memory mapping gives), and writing to a tensor never
+touches the file. A `ReadPlan` goes one step further for tensors whose destination is already allocated in host
+memory: positioned reads put the bytes straight into it, one copy from the page cache. A plan is made once and
+serves every file of the same layout.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import constants as C
-from .errors import FileTruncatedError
+from .errors import FileChangedError, FileTruncatedError
 
 if TYPE_CHECKING:
     import torch
 
-    from .format import TensorInfo
+    from .format import FileIdentity, TensorInfo
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -46,27 +47,78 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype {dtype} cannot be stored: supported dtypes are {', '.join(C.DTYPES)}")
 
 
-class MappedTensors(Mapping[str, "torch.Tensor"]):
-    """Read-only mapping of tensor name -> tensor over one memory-mapped safetensors file.
+class FileTensors(Mapping[str, "torch.Tensor"]):
+    """Read-only mapping of tensor name -> tensor over one safetensors file, each tensor read when it is asked for
+    (a fresh tensor each time: nothing is kept, so reading a large file module by module stays small).
 
     Args:
         path: The file; its header must already have been read and checked.
         data_offset: Where the buffer starts (8 + header length).
         infos: The tensors of the header.
+        identity: The file as its header was read (`SafetensorsHeader.identity`): a file replaced or changed since
+            is refused rather than read with the old header's offsets.
+
+    Raises:
+        AdapterNotFoundError: The file is gone. FileChangedError: It is not the file the header was read from.
     """
 
-    def __init__(self, path: str | os.PathLike[str], data_offset: int, infos: Mapping[str, TensorInfo]) -> None:
+    def __init__(self, path: str | os.PathLike[str], data_offset: int, infos: Mapping[str, TensorInfo], *,
+                 identity: FileIdentity | None = None, checksum: str | None = None) -> None:
+        from .errors import AdapterNotFoundError
+
         self._path = os.fspath(path)
         self._infos = infos
         self._data_offset = data_offset
-        self._cache: dict[str, torch.Tensor] = {}
-        with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.checksum = checksum
+        """The sha256 of the buffer that the file records (`tensors_sha256`), if any."""
+        self._digest: str | None = None
+        try:
+            fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as e:
+            raise AdapterNotFoundError("the file is gone since its header was read", path=self._path) from e
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+        if identity is not None and _identity(os.fstat(fd)) != identity:
+            self.close()
+            raise FileChangedError("the file was replaced or changed after its header was read: read it again",
+                                   path=self._path)
+
+    def close(self) -> None:
+        """Closes the file (also done when the object is collected)."""
+        self._closer()
+
+    def digest(self) -> str:
+        """The sha256 of the whole buffer (every tensor's bytes, in file order), read in bounded chunks; computed
+        once."""
+        if self._digest is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            chunk = bytearray(_HASH_CHUNK)
+            position, end = 0, max((info.end for info in self._infos.values()), default=0)
+            while position < end:
+                view = memoryview(chunk)[:min(_HASH_CHUNK, end - position)]
+                self._read_runs(self._fd, (_Run("the buffer", position, position + len(view), (view,)),))
+                digest.update(view)
+                position += len(view)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def intact(self) -> bool | None:
+        """Whether the bytes match the recorded checksum (None when the file records none)."""
+        return None if self.checksum is None else self.digest() == self.checksum
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self._cache.get(name)
-        if tensor is None:
-            tensor = self._cache[name] = self._materialise(self._infos[name])
+        import torch
+
+        info = self._infos[name]
+        tensor = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if info.nbytes:
+            raw = tensor.view(-1).view(torch.uint8)
+            self._read_runs(self._fd, (_Run(name, info.begin, info.end, (memoryview(raw.numpy()).cast("B"),)),))
+            if not _STRAIGHT_READS and tensor.element_size() > 1:
+                swapped = raw.view(-1, tensor.element_size()).flip(-1).reshape(-1)
+                tensor = swapped.view(tensor.dtype).reshape(info.shape)
         return tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -84,16 +136,20 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
         return {name: info.shape for name, info in self._infos.items()}
 
     @property
+    def nbytes(self) -> int:
+        """The bytes of every tensor, from the header."""
+        return sum(info.nbytes for info in self._infos.values())
+
+    @property
     def layout(self) -> Mapping[str, TensorInfo]:
         """Every tensor's dtype, shape and buffer range, from the header: what a `ReadPlan` is made for."""
         return self._infos
 
     def plan(self, names: Iterable[str], into: Mapping[str, torch.Tensor]) -> ReadPlan:
-        """Works out how to read tensors `names` with positioned reads, never through the mapping (so that a file
-        cut short after its header was read is an error, not zeros or a SIGBUS): each straight into its tensor in
-        `into` where it fits as stored (a contiguous host tensor of its dtype and shape), else into a new host
-        tensor (`ReadPlan.targets` says which); one vectored read per run of adjacent tensors, in file order.
-        Nothing is read until `read_planned` or `start_reading`."""
+        """Works out how to read tensors `names` with positioned reads: each straight into its tensor in `into`
+        where it fits as stored (a contiguous host tensor of its dtype and shape), else into a new host tensor
+        (`ReadPlan.targets` says which); one vectored read per run of adjacent tensors, in file order. Nothing is
+        read until `read_planned` or `start_reading`."""
         import torch
 
         targets: dict[str, torch.Tensor] = {}
@@ -106,7 +162,7 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
                                       and target.shape == info.shape and target.is_contiguous()):
                 target = torch.empty(info.shape, dtype=dtype)
             targets[name] = target
-        if not _POSITIONED_READS:
+        if not _STRAIGHT_READS:
             return ReadPlan(infos, targets, ())
         order = sorted((n for n in targets if infos[n].nbytes), key=lambda n: infos[n].begin)
         return ReadPlan(infos, targets, tuple(_runs(order, infos, targets)))
@@ -119,15 +175,11 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
             FileTruncatedError: The file is shorter than when its header was read.
         """
         self._check_layout(plan)
-        if not _POSITIONED_READS:  # then through the mapping after all
+        if not _STRAIGHT_READS:  # bytes must be swapped: tensor by tensor
             for name, target in plan.targets.items():
                 target.copy_(self[name])
             return
-        fd = os.open(self._path, os.O_RDONLY)
-        try:
-            self._read_runs(fd, plan.runs)
-        finally:
-            os.close(fd)
+        self._read_runs(self._fd, plan.runs)
 
     def start_reading(self, plan: ReadPlan) -> Callable[[], None]:
         """Starts `read_planned(plan)` in a background thread (positioned reads release the GIL, so the caller's
@@ -139,25 +191,12 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
             ValueError: The plan was made for another layout (at once; errors of the reads come from the wait).
         """
         self._check_layout(plan)
-        if not _POSITIONED_READS:
+        if not _STRAIGHT_READS:
             self.read_planned(plan)
             return lambda: None
-        # The file is opened here, so that the thread's only call that lets go of the GIL is the read itself: each
-        # time it does, taking the GIL back can wait for the caller's Python (up to the switch interval, 5 ms).
-        fd = os.open(self._path, os.O_RDONLY)
-        try:
-            wait = _in_background(self._read_runs, fd, plan.runs)
-        except BaseException:
-            os.close(fd)
-            raise
-
-        def finish() -> None:
-            try:
-                wait()
-            finally:
-                os.close(fd)
-
-        return finish
+        # The file is already open, so the thread's only call that lets go of the GIL is the read itself: each time
+        # it does, taking the GIL back can wait for the caller's Python (up to the switch interval, 5 ms).
+        return _in_background(self._read_runs, self._fd, plan.runs)
 
     def _check_layout(self, plan: ReadPlan) -> None:
         if plan.layout is not self._infos and plan.layout != self._infos:
@@ -166,32 +205,42 @@ class MappedTensors(Mapping[str, "torch.Tensor"]):
     def _read_runs(self, fd: int, runs: Sequence[_Run]) -> None:
         for run in runs:
             views, offset, expected = run.views, self._data_offset + run.begin, run.end - run.begin
-            done = os.preadv(fd, views, offset)
+            done = _preadv(fd, views, offset)
             while 0 < done < expected:  # a short read (signals, huge runs): continue where it stopped
                 views, done, expected, offset = _advance(views, done), 0, expected - done, offset + done
-                done = os.preadv(fd, views, offset)
+                done = _preadv(fd, views, offset)
             if done != expected:
                 raise FileTruncatedError(f"the file ended while reading {run.first}: it changed after its header was "
                                          "read", path=self._path)
 
-    def _materialise(self, info: TensorInfo) -> torch.Tensor:
-        import torch
-
-        dtype = torch_dtype(info.dtype)
-        start = self._data_offset + info.begin
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        if start % C.DTYPES[info.dtype][0] or sys.byteorder != "little":
-            raw = bytearray(self._map[start:start + info.nbytes])
-            tensor = torch.frombuffer(raw, dtype=torch.uint8)
-            if sys.byteorder != "little":
-                tensor = tensor.view(-1, C.DTYPES[info.dtype][0]).flip(-1).reshape(-1)
-            return tensor.view(dtype).reshape(info.shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=info.numel, offset=start).reshape(info.shape)
-
 
 _IOV_MAX = 1024  # the POSIX minimum of IOV_MAX on Linux: buffers per vectored read
-_POSITIONED_READS = hasattr(os, "preadv") and sys.byteorder == "little"
+_HASH_CHUNK = 4 * 1024 * 1024
+_STRAIGHT_READS = sys.byteorder == "little"
+"""Whether file bytes can go straight into tensors (the format is little-endian)."""
+
+
+def _preadv(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """os.preadv where the platform has it; else the same with a lock around seek and read (Windows)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, views, offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        done = 0
+        for view in views:
+            data = os.read(fd, len(view))
+            view[:len(data)] = data
+            done += len(data)
+            if len(data) < len(view):
+                break
+        return done
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _identity(stat: os.stat_result) -> FileIdentity:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 class _Run(NamedTuple):
@@ -218,8 +267,6 @@ def _runs(order: Sequence[str], infos: Mapping[str, TensorInfo],
 def _in_background(function: Callable[..., None], *args: Any) -> Callable[[], None]:
     """Runs function(*args) in a new thread; returns the function that waits for it and raises what it
     raised. The wait outlasts even Ctrl-C, so that no thread is left writing behind the caller's back."""
-    import threading
-
     failure: list[BaseException] = []
 
     def work() -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import lora_hub
 from lora_hub.atomicfile import atomic_write
-from lora_hub.tensors import MappedTensors
+from lora_hub.tensors import FileTensors
 
 from .factories import random_adapter
 
@@ -67,18 +67,52 @@ def test_canonical_layout_aligns_every_tensor(tmp_path: Path) -> None:
         assert (header.data_offset + info.begin) % itemsize[info.dtype] == 0
 
 
-def test_tensors_stay_mapped_until_asked_for_and_never_write_the_file(tmp_path: Path) -> None:
-    path = lora_hub.save_adapter(random_adapter(3), tmp_path / "a.safetensors")
+def test_tensors_are_read_when_asked_for_and_never_write_the_file(tmp_path: Path) -> None:
+    source = random_adapter(3)
+    path = lora_hub.save_adapter(source, tmp_path / "a.safetensors")
     before = path.read_bytes()
     adapter = lora_hub.load_adapter(path)
-    assert isinstance(adapter.tensors, MappedTensors)
-    assert adapter.tensors._cache == {}
+    assert isinstance(adapter.tensors, FileTensors) and adapter.nbytes == source.nbytes
     name = next(iter(adapter.tensors))
     tensor = adapter.tensors[name]
-    assert list(adapter.tensors._cache) == [name]
-    assert adapter.tensors[name] is tensor
+    assert torch.equal(tensor, source.tensors[name]) and adapter.tensors[name] is not tensor  # nothing kept
     tensor.zero_()
-    assert path.read_bytes() == before
+    assert path.read_bytes() == before and torch.equal(adapter.tensors[name], source.tensors[name])
+
+
+_TRUNCATE_AFTER_LOAD = """
+import os, sys, lora_hub
+adapter = lora_hub.load_adapter(sys.argv[1])
+os.truncate(sys.argv[1], 64)
+for name in adapter.tensors:
+    try:
+        adapter.tensors[name].sum()
+    except lora_hub.FileTruncatedError as e:
+        print(e.code)
+        break
+"""
+
+
+def test_a_file_cut_short_after_load_is_a_typed_error_not_a_crash(tmp_path: Path) -> None:
+    path = lora_hub.save_adapter(random_adapter(3), tmp_path / "a.safetensors")
+    result = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "FILE_TRUNCATED", (result.returncode, result.stderr)
+
+
+def test_a_file_replaced_after_its_header_was_read_is_refused(tmp_path: Path) -> None:
+    path = lora_hub.save_adapter(random_adapter(3), tmp_path / "a.safetensors")
+    other = lora_hub.save_adapter(random_adapter(4), tmp_path / "b.safetensors")  # same layout, other values
+    header = lora_hub.read_header(path)
+    os.replace(other, path)
+    with pytest.raises(lora_hub.FileChangedError) as caught:
+        lora_hub.load_adapter(header)
+    assert caught.value.code == "FILE_CHANGED"
+    opened = lora_hub.load_adapter(lora_hub.read_header(path))
+    expected = {n: t.clone() for n, t in opened.tensors.items()}
+    lora_hub.save_adapter(random_adapter(5), tmp_path / "c.safetensors")
+    os.replace(tmp_path / "c.safetensors", path)  # renamed over after opening: the opened file is still read
+    assert all(torch.equal(opened.tensors[n], t) for n, t in expected.items())
 
 
 def test_planned_reads_fill_the_given_tensors_from_any_file_of_the_same_layout(tmp_path: Path) -> None:

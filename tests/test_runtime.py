@@ -369,7 +369,7 @@ def test_lora_hub_files_are_read_in_place_and_a_file_cut_short_leaves_no_half_ad
 
 def test_a_file_of_the_same_layout_is_read_as_the_last_one_was_and_stays_right_when_buffers_move(
         adapters, tmp_path: Path, monkeypatch) -> None:
-    from lora_hub.tensors import MappedTensors
+    from lora_hub.tensors import FileTensors
 
     model = tiny_model("llama")
     base = _logits(model)
@@ -379,8 +379,8 @@ def test_a_file_of_the_same_layout_is_read_as_the_last_one_was_and_stays_right_w
     expected = {"a": _peft("llama", adapters["llama"]["a"]), "again": _peft("llama", again),
                 "b": _peft("llama", adapters["llama"]["b"])}
     plans = []
-    original_plan = MappedTensors.plan
-    monkeypatch.setattr(MappedTensors, "plan", lambda self, *args: plans.append(1) or original_plan(self, *args))
+    original_plan = FileTensors.plan
+    monkeypatch.setattr(FileTensors, "plan", lambda self, *args: plans.append(1) or original_plan(self, *args))
     runtime = lora_hub.attach(model)
     runtime.load("x", files["a"])
     runtime.use("x")

@@ -46,6 +46,8 @@ def convert_adapter(
     r: int | None = None,
     enable_lora: Sequence[bool] | Mapping[str, Sequence[bool]] | None = None,
     fan_in_fan_out: bool | None = None,
+    verify: bool = True,
+    force: bool = False,
 ) -> Adapter:
     """Reads an adapter in any layout lora-hub knows into an Adapter.
 
@@ -56,12 +58,15 @@ def convert_adapter(
             base model's type and fingerprint are recorded.
         allow_pickle: Allow pickle checkpoints (.bin, .pt), loaded with weights_only=True on the CPU.
         alpha, r, enable_lora, fan_in_fan_out: What loralib checkpoints do not record (see `from_loralib`).
+        verify: Check a lora-hub file's bytes against its recorded checksum now (one streamed read). Without it the
+            check still happens before anything is written from the adapter (`save_adapter`).
+        force: Read a lora-hub file whose bytes fail its checksum anyway (see `verify_checksum`).
 
     Raises:
         AdapterNotFoundError, UnsupportedLayoutError, UnknownLayoutError, LfsPointerError, PickleRefusedError,
         UnsafePickleError, WeightsMissingError, ConfigMissingError, PeftConfigError, UnsupportedFeatureError,
         ParameterRequiredError, ModuleConflictError, BaseModelError, BaseModelMismatchError, and the format errors
-        of `read_header` for lora-hub files.
+        of `read_header` for lora-hub files; ChecksumMismatchError for a corrupt lora-hub file.
 
     Example:
         >>> adapter = lora_hub.convert_adapter("./peft-adapter", base="./tiny-llama")
@@ -75,10 +80,12 @@ def convert_adapter(
     if detected.layout is not Layout.LORA_HUB:
         return read_peft(detected, base=base, allow_pickle=allow_pickle)
     from ..basemodel import describe_base, fit_to_base
-    from ..format import adapter_header, load_adapter
+    from ..format import adapter_header, load_adapter, verify_checksum
 
     adapter = load_adapter(adapter_header(detected.header))
+    if verify or force:
+        verify_checksum(adapter, force=force)
     if base is not None:
         config = fit_to_base(adapter.config, describe_base(base, task_type=adapter.config.task_type))
-        adapter = Adapter(config, adapter.tensors, source=adapter.source, _checked=True)
+        adapter = adapter.derived(config, adapter.tensors)
     return adapter

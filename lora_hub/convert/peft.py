@@ -92,14 +92,17 @@ def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool
 
 
 def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Adapter:
-    """Builds an Adapter from a PEFT LoRA config dict and its state dict (keys `base_model.model.*`)."""
+    """Builds an Adapter from a PEFT LoRA config dict and its state dict (keys `base_model.model.*`). Tensors still
+    in their file are not read: PEFT's names are the format's, so the file's tensors become the adapter's."""
     r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
     if not isinstance(r0, int) or isinstance(r0, bool) or not isinstance(alpha0, (int, float)):
         raise PeftConfigError(f"r must be an integer and lora_alpha a number, got r={r0!r}, lora_alpha={alpha0!r}")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     enable_lora = config.get("enable_lora")
-    pairs, others = _split_tensors(tensors, config)
-    specs, out = {}, {}
+    shapes = _shapes(tensors)
+    pairs, others = _split_tensors(shapes, config)
+    specs: dict[str, ModuleSpec] = {}
+    rewritten: dict[str, torch.Tensor] = {}
     untargeted = []
     budget = PatternBudget()
     ranks = KeyPatterns(rank_pattern, what="rank_pattern", budget=budget)
@@ -107,13 +110,16 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise MissingTensorError(f"module '{module}' has lora_{''.join(pair)} but not both lora_A and lora_B")
-        a, b = pair["A"], _merged_linear_b(module, pair["B"], enable_lora)
-        if a.ndim != 2 or b.ndim != 2:
-            raise UnsupportedFeatureError(f"module '{module}' has lora_A {list(a.shape)} and lora_B {list(b.shape)}: "
+        a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
+        if len(b_shape) == 3 and enable_lora is not None:
+            b = _merged_linear_b(module, tensors[pair["B"]], enable_lora)
+            rewritten[pair["B"]], b_shape = b, tuple(b.shape)
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise UnsupportedFeatureError(f"module '{module}' has lora_A {list(a_shape)} and lora_B {list(b_shape)}: "
                                           "convolution LoRA is not part of lora-hub format v1")
         try:
             specs[module] = module_spec(
-                module, a.shape, b.shape,
+                module, a_shape, b_shape,
                 r=ranks.value(module, r0),
                 alpha=alphas.value(module, alpha0),
                 enable_lora=enable_lora, out_features=None,
@@ -124,8 +130,6 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
             raise PeftConfigError(f"adapter_config.json contradicts the tensors: {e.message}") from e
         if not _targeted(config.get("target_modules"), module, budget):
             untargeted.append(module)
-        out[f"{C.TENSOR_PREFIX}{module}{C.LORA_A_SUFFIX}"] = a
-        out[f"{C.TENSOR_PREFIX}{module}{C.LORA_B_SUFFIX}"] = b
     if untargeted:
         warnings.warn(UntargetedModulesWarning(
             f"target_modules in adapter_config.json does not match {len(untargeted)} module(s) that have LoRA tensors "
@@ -136,7 +140,6 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
         clash = next((m for m in specs if m == owner or m.startswith(owner + ".") or owner.startswith(m + ".")), None)
         if clash:
             raise ModuleConflictError(f"'{owner}' has both LoRA tensors and saved weights ({clash})")
-    out.update({C.TENSOR_PREFIX + path: t for path, t in others.items()})
     base = BaseModelRef(name=config.get("base_model_name_or_path") or None, revision=config.get("revision") or None)
     try:
         adapter_config = AdapterConfig(modules=specs, modules_to_save=tuple(to_save), base_model=base,
@@ -144,7 +147,14 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
     except ConfigError as e:
         raise PeftConfigError(f"adapter_config.json describes an adapter outside the format's rules: {e.message}"
                               ) from e
-    return Adapter(adapter_config, out)
+    if rewritten:
+        tensors = {**{name: tensors[name] for name in tensors if name not in rewritten}, **rewritten}
+    return Adapter(adapter_config, tensors)
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, tuple[int, ...]]:
+    shapes = getattr(tensors, "shapes", None)
+    return shapes if shapes is not None else {name: tuple(t.shape) for name, t in tensors.items()}
 
 
 def to_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
@@ -171,6 +181,9 @@ def expand_enable_lora(adapter: Adapter) -> Adapter:
     merged = {m: s for m, s in adapter.modules.items() if s.enable_lora is not None}
     if not merged:
         return adapter
+    from ..format import verify_checksum
+
+    verify_checksum(adapter)  # the rewritten tensors no longer tell their file: check the bytes now
     modules, tensors = dict(adapter.modules), dict(adapter.tensors)
     for module, spec in merged.items():
         b = adapter.lora_B(module)
@@ -184,7 +197,7 @@ def expand_enable_lora(adapter: Adapter) -> Adapter:
         modules[module] = ModuleSpec(r=r * k, alpha=alpha, in_features=spec.in_features,
                                      out_features=spec.out_features, rslora=spec.rslora,
                                      fan_in_fan_out=spec.fan_in_fan_out)
-    return Adapter(replace(adapter.config, modules=modules), tensors, source=adapter.source)
+    return adapter.derived(replace(adapter.config, modules=modules), tensors)
 
 
 def peft_config(config: AdapterConfig) -> dict[str, Any]:
@@ -225,17 +238,19 @@ def peft_config(config: AdapterConfig) -> dict[str, Any]:
     }
 
 
-def _split_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]):
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
+def _split_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]):
+    """Tensor names by module: module -> {"A": name, "B": name} for LoRA pairs, and module path -> name for the
+    tensors of saved modules."""
+    pairs: dict[str, dict[str, str]] = {}
+    others: dict[str, str] = {}
+    for name in shapes:
         if not name.startswith(C.TENSOR_PREFIX):
             raise PeftConfigError(f"tensor {name} does not start with '{C.TENSOR_PREFIX}': not a PEFT state dict")
         path = name[len(C.TENSOR_PREFIX):]
         if path.endswith(C.LORA_A_SUFFIX):
-            pairs.setdefault(path[:-len(C.LORA_A_SUFFIX)], {})["A"] = tensor
+            pairs.setdefault(path[:-len(C.LORA_A_SUFFIX)], {})["A"] = name
         elif path.endswith(C.LORA_B_SUFFIX):
-            pairs.setdefault(path[:-len(C.LORA_B_SUFFIX)], {})["B"] = tensor
+            pairs.setdefault(path[:-len(C.LORA_B_SUFFIX)], {})["B"] = name
         elif "lora_magnitude_vector" in path:
             raise UnsupportedFeatureError(f"{name} is a DoRA magnitude vector: DoRA is not part of lora-hub format v1")
         elif "lora_embedding_" in path:
@@ -251,7 +266,7 @@ def _split_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any
             raise UnsupportedFeatureError(f"{name}: trained biases (bias='{config.get('bias')}') are not part of "
                                           "lora-hub format v1")
         else:
-            others[path] = tensor
+            others[path] = name
     return pairs, others
 
 

@@ -1,4 +1,4 @@
-"""Reading a foreign weights file into name -> tensor: safetensors as memory-mapped views, and pickle checkpoints
+"""Reading a foreign weights file into name -> tensor: safetensors read on access, and pickle checkpoints
 (.bin, .pt) only when the caller opts in, then with `torch.load(weights_only=True, map_location="cpu")`, which
 accepts tensors and plain containers and nothing that could run code.
 """
@@ -28,10 +28,10 @@ def load_weights(path: Path, kind: FileKind, *, allow_pickle: bool,
         UnknownLayoutError: The pickle holds something other than a flat dict of tensors.
     """
     if kind is FileKind.SAFETENSORS:
-        from ..tensors import MappedTensors
+        from ..tensors import FileTensors
 
         header = header or read_safetensors_header(path)
-        return MappedTensors(path, header.data_offset, header.tensors)
+        return FileTensors(path, header.data_offset, header.tensors, identity=header.identity)
     return load_pickle(path, allow_pickle=allow_pickle)
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ..adapter import Adapter
-from ..tensors import MappedTensors, ReadPlan
+from ..tensors import FileTensors, ReadPlan
 from .layers import LoraLayer, destinations
 
 
@@ -44,7 +44,7 @@ class SlotReads:
         """Same tensor layout (so the same modules and ranks), no factor that needs rearranging, and the layers
         still hold the buffers read into."""
         tensors = adapter.tensors
-        return (isinstance(tensors, MappedTensors) and tensors.layout == self.plan.layout
+        return (isinstance(tensors, FileTensors) and tensors.layout == self.plan.layout
                 and all(spec.enable_lora is None for spec in adapter.modules.values())
                 and all(layer.lora_A is a and layer.lora_B is b for _, layer, a, b in self.layers))
 
@@ -72,7 +72,7 @@ def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapp
     into: dict[str, torch.Tensor] = {}
     read: dict[str, torch.Tensor | None] = {}
     wait = None
-    if isinstance(tensors, MappedTensors):
+    if isinstance(tensors, FileTensors):
         for path, spec in adapter.modules.items():
             a_name, b_name = names[path]
             holder = new.get(path) or layers[path]

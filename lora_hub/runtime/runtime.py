@@ -121,6 +121,9 @@ class AdapterRuntime:
             source: An Adapter, a lora-hub file, a PEFT folder, or any layout `convert_adapter` reads; or a name
                 in the local registry; or a Hub repo id (`namespace/name[@revision]`), pulled first.
             allow_pickle: Allow pickle checkpoints (weights_only, on the CPU).
+            convert_options: For `convert_adapter`; `verify=True` checks a lora-hub file's bytes against its
+                recorded checksum first (not done by default: a load writes nothing, and a hot swap would pay a full
+                hash of the file).
 
         Raises:
             AdapterMismatchError: The adapter does not fit this model (the base tier of validation found errors);
@@ -362,7 +365,9 @@ class AdapterRuntime:
         from ..convert import convert_adapter
         from ..hub import locate
 
-        return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
+        # Loading never writes an adapter, so a lora-hub file's checksum is not re-hashed on every load (a hot swap
+        # would pay a full hash); pass verify=True to check it, as pull and validate do.
+        return convert_adapter(locate(source), allow_pickle=allow_pickle, **{"verify": False, **options})
 
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()

@@ -43,14 +43,12 @@ def _socket(host: str, port: int) -> socket.socket:
 def _server(root: str | os.PathLike[str], multipart_chunk_size: int | None, head_timeout: float | None = None):
     import uvicorn
 
-    from .connections import BoundedH11Protocol
+    from .connections import HEAD_TIMEOUT, bounded_protocol
 
     options = {} if multipart_chunk_size is None else {"multipart_chunk_size": multipart_chunk_size}
     app = HubApp(Store(root), **options)
-    protocol = BoundedH11Protocol if head_timeout is None else \
-        type("BoundedH11Protocol", (BoundedH11Protocol,), {"head_timeout": head_timeout})
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30,
-                            http=protocol)
+                            http=bounded_protocol(head_timeout or HEAD_TIMEOUT))
     return uvicorn.Server(config)
 
 
