@@ -369,6 +369,17 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
                                      "is present")
 
 
+def tensor_index(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype name, shape) of every tensor, from the file's header for tensors still in their
+    file (nothing is read)."""
+    layout = getattr(tensors, "layout", None)
+    if layout is not None:
+        return {name: (info.dtype, info.shape) for name, info in layout.items()}
+    from .tensors import dtype_name
+
+    return {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()}
+
+
 class Adapter:
     """One LoRA adapter: its config and its tensors (name -> tensor, possibly memory-mapped and loaded lazily).
 
@@ -389,9 +400,7 @@ class Adapter:
     def __init__(self, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], *, source: str | None = None,
                  _checked: bool = False) -> None:
         if not _checked:
-            from .tensors import dtype_name
-
-            check_tensor_index(config, {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()})
+            check_tensor_index(config, tensor_index(tensors))
         self.config = config
         self.tensors = tensors
         self.source = source

@@ -186,6 +186,10 @@ CATALOGUE: dict[str, Code] = {
     # Profiles
     "PEFT_ENABLE_LORA": Code(ERR, "enable_lora modules cannot be loaded by PeftModel as stored.",
                              "lora-hub convert FILE -o DIR --to peft writes their exact plain equivalent."),
+    "PEFT_CONFIG_DIFFERS": Code(ERR, "adapter_config.json beside a lora-hub file does not describe it (ranks, "
+                                     "scalings, targets or saved modules differ): PeftModel would load the pair with "
+                                     "the wrong update, as when the two files come from different writes.",
+                                "Write the folder again: lora-hub convert FILE -o DIR --to peft."),
     "PEFT_CONFIG_ABSENT": Code(WARN, "A lora-hub file alone: PeftModel needs adapter_config.json beside it.",
                                "lora-hub convert FILE -o DIR --to peft (or push it) writes one."),
     "VLLM_MODULES_TO_SAVE": Code(ERR, "vLLM does not load modules_to_save (replaced heads).",

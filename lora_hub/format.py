@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import constants as C
-from .adapter import Adapter, AdapterConfig, check_tensor_index
+from .adapter import Adapter, AdapterConfig, check_tensor_index, tensor_index
 from .errors import (
     AdapterNotFoundError,
     BufferHoleError,
@@ -251,10 +251,10 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bo
             laundered into a file with a fresh one; see `verify_checksum` to read such a file anyway).
     """
     from .atomicfile import atomic_write
-    from .tensors import FileTensors, dtype_name
+    from .tensors import FileTensors
 
     verify_checksum(adapter)
-    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in _shapes_and_dtypes(adapter)}
+    index = tensor_index(adapter.tensors)
     check_tensor_index(adapter.config, index)
     order = _buffer_order(index)
     entries: dict[str, Any] = {}
@@ -279,21 +279,6 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str], *, checksum: bo
     return atomic_write(path, _file_chunks(header, adapter, order))
 
 
-def _shapes_and_dtypes(adapter: Adapter):
-    """(name, tensor-like with dtype and shape) for every tensor, without reading file-backed tensors."""
-    from .tensors import FileTensors, torch_dtype
-
-    tensors = adapter.tensors
-    if isinstance(tensors, FileTensors):
-        return [(name, _Described(torch_dtype(info.dtype), info.shape)) for name, info in tensors.layout.items()]
-    return list(tensors.items())
-
-
-class _Described(NamedTuple):
-    dtype: Any
-    shape: tuple[int, ...]
-
-
 def _digest(adapter: Adapter, order: list[str]) -> str:
     """sha256 of the tensor bytes in `order`, one tensor in memory at a time."""
     from .tensors import tensor_bytes
@@ -316,10 +301,7 @@ def _file_chunks(header: bytes, adapter: Adapter, order: list[str]):
 def tensors_digest(adapter: Adapter) -> str:
     """The sha256 of the adapter's tensor bytes in canonical buffer order: the `tensors_sha256` that `save_adapter`
     records, computed one tensor at a time."""
-    from .tensors import dtype_name
-
-    index = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in _shapes_and_dtypes(adapter)}
-    return _digest(adapter, _buffer_order(index))
+    return _digest(adapter, _buffer_order(tensor_index(adapter.tensors)))
 
 
 def _buffer_order(index: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:

@@ -14,6 +14,7 @@ bad file: what stops one tier is a finding, and the other tiers still run where 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import statistics
 import warnings
@@ -237,6 +238,9 @@ class _Validation(_Findings):
                 if own != ref.fingerprint:
                     self.add("FINGERPRINT_INCONSISTENT", f"stored {ref.fingerprint}, but the module entries give "
                                                          f"{own}")
+            config_path = detected.weights.parent / PEFT_CONFIG
+            if detected.weights.name == "adapter_model.safetensors" and config_path.is_file():
+                self.check_peft_pair(config_path)
         else:
             from .convert import convert_adapter
 
@@ -254,6 +258,37 @@ class _Validation(_Findings):
                 self.tensors = adapter.tensors
         if self.config.base_model is None or not self.config.base_model.name:
             self.add("BASE_UNDECLARED", "no base model is declared")
+
+    def check_peft_pair(self, config_path: Path) -> None:
+        """A lora-hub file with PEFT's adapter_config.json beside it is also a PEFT folder: PeftModel reads the
+        ranks, scalings, targets and saved modules from that config, so it must describe the file (a folder whose
+        two files come from different writes would load with the wrong scaling)."""
+        from .convert.layouts import read_peft_config
+        from .convert.peft import peft_state_to_adapter
+
+        try:
+            peft = read_peft_config(config_path)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", LoraHubWarning)
+                derived = peft_state_to_adapter(peft, _HeaderTensors(self.header.tensors)).config
+        except LoraHubError as e:
+            self.add("PEFT_CONFIG_DIFFERS", f"{PEFT_CONFIG} beside the file cannot describe it: {e.message}")
+            return
+        ignored = [str(w.message) for w in caught if issubclass(w.category, LoraHubWarning)]
+        problems = [f"PeftModel would ignore modules: {ignored[0]}"] if ignored else []
+        for module, spec in self.config.modules.items():
+            theirs = derived.modules.get(module)
+            if theirs is None or spec.enable_lora is not None:
+                continue
+            if theirs.r != spec.r or not math.isclose(theirs.scaling, spec.scaling, rel_tol=1e-9):
+                problems.append(f"'{module}' has r={spec.r}, scaling {spec.scaling:g} in the file, but "
+                                f"{PEFT_CONFIG} gives r={theirs.r}, scaling {theirs.scaling:g}")
+        if set(derived.modules_to_save) != set(self.config.modules_to_save):
+            problems.append(f"modules_to_save differ ({', '.join(derived.modules_to_save) or 'none'} in "
+                            f"{PEFT_CONFIG}, {', '.join(self.config.modules_to_save) or 'none'} in the file)")
+        if problems:
+            self.add("PEFT_CONFIG_DIFFERS", f"{PEFT_CONFIG} does not describe the file beside it "
+                                            f"({len(problems)} difference(s); first: {problems[0]})")
 
     # --- full tier ---------------------------------------------------------------------------------------------
 
@@ -344,6 +379,23 @@ class _Validation(_Findings):
             self.add("LORA_HUB_CHECKSUM_ABSENT", "no tensors_sha256")
         if config.base_model is None or not config.base_model.name or not config.base_model.fingerprint:
             self.add("LORA_HUB_BASE_UNDECLARED", "base_model.name and base_model.fingerprint are both required")
+
+
+class _HeaderTensors(Mapping):
+    """A file's tensors as its header describes them (names, dtypes, shapes), for readers that need nothing more."""
+
+    def __init__(self, layout: Mapping[str, Any]) -> None:
+        self.layout = layout
+        self.shapes = {name: info.shape for name, info in layout.items()}
+
+    def __getitem__(self, name: str):
+        raise KeyError(f"{name}: only the header is read here")
+
+    def __iter__(self):
+        return iter(self.layout)
+
+    def __len__(self) -> int:
+        return len(self.layout)
 
 
 def _short_name(name: str) -> str:

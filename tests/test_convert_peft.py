@@ -217,3 +217,81 @@ def test_an_exported_folder_reads_back_as_lora_hub(tmp_path: Path) -> None:
     config = json.loads((exported / "adapter_config.json").read_text())
     (exported / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # ignored: derived
     assert lora_hub.convert_adapter(exported).modules == adapter.modules
+
+
+_REWRITE_FOREVER = """
+import sys, lora_hub
+from lora_hub.testing import random_peft_adapter, tiny_model
+first = lora_hub.convert_adapter(sys.argv[2])
+second = lora_hub.convert_adapter(sys.argv[3])
+print("ready", flush=True)
+while True:
+    for adapter in (first, second):
+        lora_hub.to_peft(adapter, sys.argv[1])
+"""
+
+
+def test_a_folder_write_killed_at_any_moment_leaves_a_consistent_pair(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tiny_model("llama")
+    first = random_peft_adapter(model, tmp_path / "first", seed=1, lora_alpha=8)
+    second = random_peft_adapter(model, tmp_path / "second", seed=2, lora_alpha=32, r=8)
+    target = tmp_path / "target"
+    lora_hub.to_peft(lora_hub.convert_adapter(first), target)
+    (target / "README.md").write_text("kept")
+    rng = random.Random(0)
+    for _ in range(8):
+        process = subprocess.Popen([sys.executable, "-c", _REWRITE_FOREVER, str(target), str(first), str(second)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.4))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        report = lora_hub.validate(target, profile="peft")
+        assert report.ok and "PEFT_CONFIG_DIFFERS" not in report.codes, report.findings
+        assert (target / "README.md").read_text() == "kept"
+        config = json.loads((target / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"]) in ((4, 8), (8, 32))
+    for leftover in tmp_path.glob(".target.*"):  # what a kill may leave beside the folder: never inside it
+        assert leftover.name.endswith((".tmp", ".old"))
+
+
+def test_a_failed_folder_write_leaves_the_old_folder_untouched(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from lora_hub import atomicfile
+
+    source = random_peft_adapter(tiny_model("llama"), tmp_path / "source", seed=3)
+    target = lora_hub.to_peft(lora_hub.convert_adapter(source), tmp_path / "target")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = lora_hub.convert_adapter(random_peft_adapter(tiny_model("llama"), tmp_path / "other", seed=4, r=8))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomicfile, "atomic_write", full_disk)  # the weights are written first
+    with pytest.raises(OSError, match="No space"):
+        lora_hub.to_peft(other, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "source", "target"]
+
+
+def test_a_mixed_pair_is_detected(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    old = lora_hub.to_peft(lora_hub.convert_adapter(random_peft_adapter(model, tmp_path / "a", seed=1)),
+                           tmp_path / "old")
+    new = lora_hub.to_peft(lora_hub.convert_adapter(random_peft_adapter(model, tmp_path / "b", seed=2,
+                                                                        lora_alpha=32)), tmp_path / "new")
+    (new / "adapter_config.json").write_bytes((old / "adapter_config.json").read_bytes())  # new weights, old config
+    for profile in (None, "peft"):
+        report = lora_hub.validate(new, profile=profile)
+        assert not report.ok and "PEFT_CONFIG_DIFFERS" in report.codes, report.findings
+        assert "scaling 8 in the file" in report.findings[report.codes.index("PEFT_CONFIG_DIFFERS")].message
+    untargeted = json.loads((old / "adapter_config.json").read_text()) | {"target_modules": ["q_proj"]}
+    (old / "adapter_config.json").write_text(json.dumps(untargeted))
+    assert "PEFT_CONFIG_DIFFERS" in lora_hub.validate(old).codes

@@ -159,19 +159,22 @@ def _shapes(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, tuple[int, ...]
 
 def to_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
     """Writes `adapter` as a PEFT folder: adapter_model.safetensors (a lora-hub file, which PEFT reads as its own)
-    and adapter_config.json. enable_lora modules are written in their exactly equivalent plain form.
+    and adapter_config.json. enable_lora modules are written in their exactly equivalent plain form. The folder is
+    written all or nothing: an existing one keeps its old pair (and its other files) until the new pair replaces it
+    in one step, so weights and config never come from different writes.
 
     Returns:
         The folder.
     """
-    from ..atomicfile import atomic_write
+    from ..atomicfile import atomic_folder
     from ..format import save_adapter
 
     directory = Path(directory)
     plain = expand_enable_lora(adapter)
-    save_adapter(plain, directory / "adapter_model.safetensors")
     text = json.dumps(peft_config(plain.config), indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / "adapter_config.json", [text.encode("utf-8")])
+    with atomic_folder(directory) as staging:
+        save_adapter(plain, staging / "adapter_model.safetensors")
+        (staging / "adapter_config.json").write_text(text, encoding="utf-8")
     return directory
 
 
