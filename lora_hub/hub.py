@@ -1,10 +1,10 @@
 """Push and pull adapters to and from the Hugging Face Hub or a Hub-compatible server (`lora-hub serve`).
 
-The only module that imports huggingface_hub. A pushed repository is at the same time a PEFT repository
-(adapter_model.safetensors is the lora-hub file, adapter_config.json PEFT's config, README.md a model card), so
-`PeftModel.from_pretrained(base, repo_id)` and transformers' `load_adapter(repo_id)` read it. A pull downloads only
-the adapter files into the Hugging Face cache (which never keeps partial files and works offline), validates
-them, and records them in the local registry.
+With transfer.py (resumable downloads), the only module that imports huggingface_hub. A pushed repository is at the
+same time a PEFT repository (adapter_model.safetensors is the lora-hub file, adapter_config.json PEFT's config,
+README.md a model card), so `PeftModel.from_pretrained(base, repo_id)` and transformers' `load_adapter(repo_id)` read
+it. A pull downloads only the adapter files into the Hugging Face cache (completed files only; an interrupted pull is
+resumed by the next; offline it is served from the cache), validates them, and records them in the local registry.
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
     """Downloads an adapter repository's adapter files into the Hugging Face cache, validates them, and records
     them in the registry under `repo_id` (or `repo_id@revision`).
 
-    Works offline from the cache (HF_HUB_OFFLINE=1). Reads repositories pushed by lora-hub and plain PEFT ones;
+    Works offline from the cache (HF_HUB_OFFLINE=1). A pull that was interrupted (the connection broke, or the
+    process was killed) is resumed by the next one with a range request, and the weights are checked against their
+    sha256 (see lora_hub.transfer). Reads repositories pushed by lora-hub and plain PEFT ones;
     a legacy adapter_model.bin is downloaded only when there is no safetensors file (and never unpickled here).
     `api` (an HfApi) may stand for `endpoint` and `token`; `registry` and `cache_dir` default to the user's.
 
@@ -139,7 +141,9 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
         RepoNotFoundError, RevisionNotFoundError, NotAnAdapterRepoError, NotCachedError, HubUnreachableError.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
 
+    from .transfer import prefetch, sweep
     from .validate import validate
 
     check_repo_id(repo_id)
@@ -148,9 +152,14 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
     options = {"revision": revision, "token": token,
                "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None}
     with _hub(repo_id, api.endpoint, revision):
+        try:  # the weights through a resumable download: a killed pull is continued, not restarted
+            prefetch(api, repo_id, WEIGHTS, revision=revision, cache_dir=cache_dir)
+        except hf_errors.EntryNotFoundError:
+            pass  # no safetensors weights: a legacy repository, looked at below
         snapshot = Path(api.snapshot_download(repo_id, allow_patterns=[WEIGHTS, CONFIG], **options))
         if not (snapshot / WEIGHTS).is_file():
             snapshot = Path(api.snapshot_download(repo_id, allow_patterns=[LEGACY_WEIGHTS, CONFIG], **options))
+    sweep(repo_id, cache_dir=cache_dir)
     weights = next((snapshot / n for n in (WEIGHTS, LEGACY_WEIGHTS) if (snapshot / n).is_file()), None)
     if weights is None:
         raise NotAnAdapterRepoError(f"{registry_name(repo_id, revision)} holds no {WEIGHTS} or {LEGACY_WEIGHTS}: "

@@ -221,11 +221,15 @@ def test_the_server_killed_mid_download_leaves_no_corrupt_cache_entry(hub: Hub, 
         proxy.close()
         server.wait()
     blobs = cache / "models--carol--big" / "blobs"
-    complete = [p for p in blobs.iterdir() if not p.name.endswith(".incomplete")]
+    complete = [p for p in blobs.iterdir() if not p.name.endswith((".incomplete", ".partial"))]
     for blob in complete:  # each finished blob is named by its hash (LFS: sha256; regular: git blob sha1)
         data = blob.read_bytes()
         assert blob.name in (hashlib.sha256(data).hexdigest(),
                              hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+    saved = lora_hub.save_adapter(adapter, tmp_path / "expected.safetensors")
+    partial = blobs / f"{_sha256(saved)}.partial"  # what arrived is kept under one name, to be continued
+    assert 0 < partial.stat().st_size < saved.stat().st_size
+    assert saved.read_bytes().startswith(partial.read_bytes())
     assert not list((cache / "models--carol--big" / "snapshots").glob("*/adapter_model.safetensors"))
     assert "carol/big" not in Registry()
 
@@ -235,8 +239,56 @@ def test_the_server_killed_mid_download_leaves_no_corrupt_cache_entry(hub: Hub, 
     finally:
         server.terminate()
         server.wait()
-    saved = lora_hub.save_adapter(adapter, tmp_path / "expected.safetensors")
     assert _sha256(path) == _sha256(saved)
+    assert not [p for p in blobs.iterdir() if p.name.endswith((".incomplete", ".partial"))]
+
+
+_PULL = "import lora_hub, sys; lora_hub.pull(sys.argv[1], endpoint=sys.argv[2], cache_dir=sys.argv[3])"
+
+
+def test_a_killed_pull_is_resumed_with_a_range_request_and_verified(hub: Hub, base_dirs, tmp_path) -> None:
+    import signal
+    import time
+
+    adapter = _adapter(tmp_path, base_dirs["llama"], seed=14, r=64)
+    lora_hub.push(adapter, "alice/resume", token=hub.alice)
+    expected = lora_hub.save_adapter(adapter, tmp_path / "expected.safetensors")
+    size, digest = expected.stat().st_size, _sha256(expected)
+    cache = tmp_path / "cache"
+    partial = cache / "models--alice--resume" / "blobs" / f"{digest}.partial"
+    stale = cache / "models--alice--resume" / "blobs" / "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391.1a2b3c4d.incomplete"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a killed client download")
+    proxy = _SlowProxy(hub.endpoint, bytes_per_second=200_000)
+    try:
+        process = subprocess.Popen([sys.executable, "-c", _PULL, "alice/resume", proxy.url, str(cache)],
+                                   env={**os.environ, "HF_TOKEN": hub.alice})
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > size // 4) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kept = partial.stat().st_size
+        assert 0 < kept < size
+        proxy.requests.clear()
+        sent_before = proxy.sent
+        path = lora_hub.pull("alice/resume", endpoint=proxy.url, cache_dir=cache, token=hub.alice)
+        assert any(f"range: bytes={kept}-" in head.lower() for head in proxy.requests), proxy.requests
+        assert proxy.sent - sent_before < size - kept + 100_000  # the rest, not the whole file again
+    finally:
+        proxy.close()
+    assert _sha256(path) == digest and not partial.exists()
+    assert not list(partial.parent.glob("*.incomplete"))
+    # a partial file that does not hash right is discarded, never moved into place
+    lora_hub.Registry().remove("alice/resume")
+    other = tmp_path / "cache2"
+    bad = other / "models--alice--resume" / "blobs" / f"{digest}.partial"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\0" * 1000)  # not the file's first bytes
+    with pytest.raises(lora_hub.HubUnreachableError, match="discarded"):
+        lora_hub.pull("alice/resume", cache_dir=other, token=hub.alice)
+    assert not bad.exists()
+    assert _sha256(lora_hub.pull("alice/resume", cache_dir=other, token=hub.alice)) == digest
 
 
 def test_two_processes_pulling_the_same_repo_both_succeed(hub: Hub, base_dirs, tmp_path) -> None:
@@ -305,15 +357,49 @@ class _CuttingProxy:
                 sent += len(data)
         except OSError:
             pass
+        import socket
+
         for sock in (source, target):
             try:
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's thread, and tells the client
             except OSError:
                 pass
+            sock.close()
 
     def close(self) -> None:
         self.closed = True
         self.listener.close()
+
+
+class _SlowProxy(_CuttingProxy):
+    """A TCP relay that passes responses at `bytes_per_second`, records the request heads it relays, and counts the
+    response bytes it sent."""
+
+    def __init__(self, endpoint: str, *, bytes_per_second: int) -> None:
+        self.rate, self.requests, self.sent = bytes_per_second, [], 0
+        super().__init__(endpoint, cut_after=None, on_cut=lambda: None)
+
+    def _pipe(self, source, target, limit) -> None:
+        import socket
+        import time
+
+        upstream = limit is None and source.getpeername()[1] == self.upstream[1]
+        try:
+            while data := source.recv(16384):
+                if upstream:
+                    time.sleep(len(data) / self.rate)
+                    self.sent += len(data)
+                else:
+                    self.requests.append(data.decode("latin-1"))
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
 
 def test_model_card_front_matter_is_valid_yaml(base_dirs, tmp_path) -> None:
