@@ -14,7 +14,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from . import constants as C
@@ -312,6 +312,15 @@ class AdapterConfig:
             tensors_sha256=data.get("tensors_sha256"),
             provenance=data.get("provenance"),
         )
+
+
+CONFIG_KEYS = frozenset(f.name for f in fields(AdapterConfig))
+"""The keys of the config document that format v1 defines (FORMAT.md section 6): one source for the reader, the
+writer, the strict profile, the JSON schema and the spec's tables (tests keep the last two equal to it)."""
+MODULE_KEYS = frozenset(f.name for f in fields(ModuleSpec))
+"""The keys of a module entry (FORMAT.md section 6)."""
+BASE_MODEL_KEYS = frozenset(f.name for f in fields(BaseModelRef))
+"""The keys of the base_model object (FORMAT.md section 6)."""
 
 
 def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import constants as C
-from .adapter import AdapterConfig
+from .adapter import BASE_MODEL_KEYS, CONFIG_KEYS, MODULE_KEYS, AdapterConfig
 from .basemodel import fingerprint
 from .convert.layouts import PEFT_CONFIG, Detected, FileKind, Layout, detect_layout
 from .errors import LoraHubError, LoraHubWarning
@@ -46,10 +46,6 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks)."""
 _LISTED = 5
 """Findings about more modules than this are given as one finding with a count."""
-_CONFIG_KEYS = frozenset({"modules", "modules_to_save", "base_model", "task_type", "name", "description", "license",
-                          "task", "tags", "tensors_sha256"})
-_MODULE_KEYS = frozenset({"r", "alpha", "in_features", "out_features", "rslora", "fan_in_fan_out", "enable_lora"})
-_BASE_KEYS = frozenset({"name", "revision", "model_type", "fingerprint"})
 _METADATA_KEYS = frozenset({C.METADATA_FORMAT, C.METADATA_FORMAT_VERSION, C.METADATA_CONFIG})
 
 
@@ -369,10 +365,11 @@ class _Validation(_Findings):
             self.add("LORA_HUB_NOT_CANONICAL", "the bytes differ from what the canonical writer produces")
         unknown = sorted(k for k in metadata if k not in _METADATA_KEYS and k.startswith("lora_hub."))
         document = strict_loads(metadata[C.METADATA_CONFIG])
-        unknown += sorted(f"config.{k}" for k in document if k not in _CONFIG_KEYS)
-        unknown += sorted(f"config.base_model.{k}" for k in (document.get("base_model") or {}) if k not in _BASE_KEYS)
+        unknown += sorted(f"config.{k}" for k in document if k not in CONFIG_KEYS)
+        unknown += sorted(f"config.base_model.{k}" for k in (document.get("base_model") or {})
+                          if k not in BASE_MODEL_KEYS)
         unknown += sorted({f"modules.*.{k}" for entry in document["modules"].values() for k in entry
-                           if k not in _MODULE_KEYS})
+                           if k not in MODULE_KEYS})
         if unknown:
             self.add("LORA_HUB_UNKNOWN_KEY", f"keys not in format v1: {', '.join(unknown[:8])}")
         if config.tensors_sha256 is None:

@@ -97,3 +97,63 @@ def test_vector_script_uses_no_lora_hub_code() -> None:
     assert not re.search(r"^\s*(import|from)\s+lora_hub", source, re.MULTILINE)
     namespace = runpy.run_path(str(VECTORS / "make_vectors.py"), run_name="not_main")
     assert not any(getattr(v, "__module__", "").startswith("lora_hub") for v in namespace.values())
+
+
+def _table_keys(text: str, heading: str, first_column: str) -> set[str]:
+    """The backquoted names in the first column of the table after `heading` whose header starts with
+    `first_column`."""
+    section = text.split(heading, 1)[1]
+    start = section.index(f"| {first_column}")
+    rows = []
+    for line in section[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1].strip())
+    return {row.strip("`") for row in rows}
+
+
+def test_the_config_keys_have_one_source() -> None:
+    from lora_hub.adapter import BASE_MODEL_KEYS, CONFIG_KEYS, MODULE_KEYS
+
+    schema = json.loads((SPEC / "config.schema.json").read_text())
+    assert set(schema["properties"]) == CONFIG_KEYS
+    assert set(schema["properties"]["base_model"]["properties"]) == BASE_MODEL_KEYS
+    assert set(schema["$defs"]["module"]["properties"]) == MODULE_KEYS
+    text = (SPEC / "FORMAT.md").read_text()
+    assert _table_keys(text, "## 6. The config document", "key ") == CONFIG_KEYS
+    assert _table_keys(text, "A module entry:", "key ") == MODULE_KEYS
+    for key in BASE_MODEL_KEYS:
+        assert f"`{key}`" in text.split("## 6. The config document", 1)[1].split("A module entry:")[0]
+    adapter = lora_hub.load_adapter(VECTORS / "valid" / "plain_f32.safetensors")
+    full = adapter.config.to_dict() | {"provenance": {}}
+    assert set(full) == CONFIG_KEYS and set(adapter.config.to_dict()["modules"].popitem()[1]) == MODULE_KEYS
+
+
+def test_every_writer_produces_files_that_pass_the_strictest_profile(tmp_path, base_dirs) -> None:
+    from lora_hub.testing import random_peft_adapter, tiny_model
+
+    first = random_peft_adapter(tiny_model("llama"), tmp_path / "p1", seed=1)
+    second = random_peft_adapter(tiny_model("llama"), tmp_path / "p2", seed=2, r=8, use_rslora=True)
+    converted = lora_hub.convert_adapter(first, base=base_dirs["llama"])
+    written = {
+        "save_adapter": lora_hub.save_adapter(converted, tmp_path / "saved.safetensors"),
+        "convert (cli)": tmp_path / "cli.safetensors",
+        "to_peft": lora_hub.to_peft(converted, tmp_path / "peft") / "adapter_model.safetensors",
+    }
+    from click.testing import CliRunner
+    from lora_hub_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["convert", str(first), "-o", str(written["convert (cli)"]), "--base",
+                                      str(base_dirs["llama"])])
+    assert result.exit_code == 0, result.output
+    for method in ("cat", "svd", "ties", "linear_ab"):
+        sources = [converted, lora_hub.convert_adapter(second, base=base_dirs["llama"])]
+        if method == "linear_ab":
+            sources[1] = lora_hub.convert_adapter(random_peft_adapter(tiny_model("llama"), tmp_path / "p3", seed=3),
+                                                  base=base_dirs["llama"])
+        options = {"svd": {"rank": 4}, "ties": {"rank": 4, "density": 0.5}}.get(method, {})
+        combined = lora_hub.combine(sources, [0.6, 0.4], method=method, **options)
+        written[f"combine {method}"] = lora_hub.save_adapter(combined, tmp_path / f"{method}.safetensors")
+    for writer, path in written.items():
+        report = lora_hub.validate(path, profile="lora-hub", level="full", base=base_dirs["llama"])
+        assert report.ok and not report.warnings, (writer, report.findings)
