@@ -146,7 +146,8 @@ class ModuleSpec:
     @classmethod
     def from_dict(cls, data: object, *, module: str) -> ModuleSpec:
         if not isinstance(data, dict):
-            raise ConfigError(f"module '{module}': the entry must be a JSON object, got {_json_type(data)}")
+            raise ConfigError(f"module '{module}': the entry must be a JSON object, got {_json_type(data)}",
+                              module=module)
         flags = data.get("enable_lora")
         try:
             return cls(  # checked where it is placed in an AdapterConfig, which names the module
@@ -154,7 +155,8 @@ class ModuleSpec:
                 data.get("fan_in_fan_out", False), tuple(flags) if isinstance(flags, list) else flags)
         except KeyError:
             missing = [k for k in ("r", "alpha", "in_features", "out_features") if k not in data]
-            raise ConfigError(f"module '{module}': required key(s) {', '.join(missing)} missing") from None
+            raise ConfigError(f"module '{module}': required key(s) {', '.join(missing)} missing",
+                              module=module) from None
 
 
 @dataclass(frozen=True)
@@ -207,16 +209,16 @@ class AdapterConfig:
         for name, spec in self.modules.items():
             problem = check_module_name(name)
             if problem:
-                raise ConfigError(f"module path {name!r}: {problem}")
+                raise ConfigError(f"module path {name!r}: {problem}", module=name)
             if not isinstance(spec, ModuleSpec):
-                raise ConfigError(f"module '{name}': expected a ModuleSpec, got {type(spec).__name__}")
+                raise ConfigError(f"module '{name}': expected a ModuleSpec, got {type(spec).__name__}", module=name)
             problems = spec.problems()
             if problems:
-                raise ConfigError(f"module '{name}': {'; '.join(problems)}")
+                raise ConfigError(f"module '{name}': {'; '.join(problems)}", module=name)
         for name in self.modules_to_save:
             problem = check_module_name(name)
             if problem:
-                raise ConfigError(f"modules_to_save entry {name!r}: {problem}")
+                raise ConfigError(f"modules_to_save entry {name!r}: {problem}", module=name)
             clash = _overlapping_module(name, self.modules)
             if clash:
                 raise ConfigError(
@@ -335,30 +337,32 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
         present = [n for n in (a_name, b_name) if n in index]
         if len(present) < 2:
             have = f"only {present[0]} is present" if present else "neither is present"
-            raise MissingTensorError(f"module '{module}' needs {a_name} and {b_name}; {have}")
+            raise MissingTensorError(f"module '{module}' needs {a_name} and {b_name}; {have}", module=module,
+                                     tensor=b_name if present else a_name)
         claimed.update(present)
         (a_dtype, a_shape), (b_dtype, b_shape) = index[a_name], index[b_name]
         for name, dtype, shape in ((a_name, a_dtype, a_shape), (b_name, b_dtype, b_shape)):
             if dtype not in C.LORA_DTYPES:
                 raise TensorDtypeError(f"{name} has dtype {dtype}; LoRA tensors must be one of "
-                                       f"{', '.join(sorted(C.LORA_DTYPES))}")
+                                       f"{', '.join(sorted(C.LORA_DTYPES))}", module=module, tensor=name)
             if len(shape) != 2:
-                raise ShapeMismatchError(f"{name} must be 2-dimensional, got shape {list(shape)}")
+                raise ShapeMismatchError(f"{name} must be 2-dimensional, got shape {list(shape)}", module=module,
+                                         tensor=name)
         groups = spec.groups
         if a_shape[0] != b_shape[1] * groups:
             raise RankMismatchError(
                 f"module '{module}': lora_A has {a_shape[0]} rows but lora_B has rank {b_shape[1]}"
                 + (f" and {spec.groups} enabled slices" if spec.enable_lora else "")
-                + f"; expected lora_A rows = {'groups * ' if spec.enable_lora else ''}lora_B columns"
-            )
+                + f"; expected lora_A rows = {'groups * ' if spec.enable_lora else ''}lora_B columns",
+                module=module, tensor=a_name)
         expected = (spec.r * groups, spec.in_features, spec.slice_features * groups, spec.r)
         if (a_shape[0], a_shape[1], b_shape[0], b_shape[1]) != expected:
             raise ShapeMismatchError(
                 f"module '{module}': the config (r={spec.r}, in={spec.in_features}, out={spec.out_features}"
                 + (f", enable_lora={list(spec.enable_lora)}" if spec.enable_lora else "")
                 + f") requires lora_A {list(spec.a_shape)} and lora_B {list(spec.b_shape)}, "
-                f"but the file has {list(a_shape)} and {list(b_shape)}"
-            )
+                f"but the file has {list(a_shape)} and {list(b_shape)}",
+                module=module, tensor=a_name if a_shape != spec.a_shape else b_name)
     owned: Counter[str] = Counter()
     for name in index:
         if name in claimed:
@@ -367,15 +371,14 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
         if owner is None:
             raise UnexpectedTensorError(
                 f"tensor {name} belongs to no module in the config (neither a LoRA tensor of a listed module nor a "
-                "tensor of a module in modules_to_save)"
-            )
+                "tensor of a module in modules_to_save)", tensor=name)
         if index[name][0] not in C.DTYPES:
-            raise TensorDtypeError(f"{name} has unknown dtype {index[name][0]}")
+            raise TensorDtypeError(f"{name} has unknown dtype {index[name][0]}", tensor=name, module=owner)
         owned[owner] += 1
     for module in config.modules_to_save:
         if not owned[module]:
             raise MissingTensorError(f"modules_to_save lists '{module}' but no tensor {C.TENSOR_PREFIX}{module}.* "
-                                     "is present")
+                                     "is present", module=module)
 
 
 def tensor_index(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -8,6 +8,7 @@ keep working for callers who do not know this library.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 class LoraHubError(Exception):
@@ -16,13 +17,18 @@ class LoraHubError(Exception):
     Args:
         message: What failed, for which file, tensor or module, and what to do about it.
         path: The file or directory concerned, when there is one.
+        module: The module concerned (its path in the base model), when there is one.
+        tensor: The tensor concerned (its name in the file), when there is one.
     """
 
     code = "LORA_HUB_ERROR"
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, module: str | None = None,
+                 tensor: str | None = None) -> None:
         self.path = os.fspath(path) if path is not None else None
         self.message = message
+        self.module = module
+        self.tensor = tensor
         super().__init__(self._text())
 
     def locate(self, path: str | os.PathLike[str]) -> None:
@@ -202,9 +208,9 @@ class UnsupportedLayoutError(ConversionError):
 
     code = "LAYOUT_UNSUPPORTED"
 
-    def __init__(self, message: str, *, layout: str, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, message: str, *, layout: str, **where: Any) -> None:
         self.layout = layout
-        super().__init__(message, path=path)
+        super().__init__(message, **where)
 
 
 class UnknownLayoutError(ConversionError):
@@ -308,9 +314,9 @@ class AdapterMismatchError(BaseModelMismatchError):
 
     code = "BASE_MISMATCH"
 
-    def __init__(self, message: str, *, findings: list | None = None, path: str | os.PathLike[str] | None = None):
+    def __init__(self, message: str, *, findings: list | None = None, **where: Any) -> None:
         self.findings = findings or []
-        super().__init__(message, path=path)
+        super().__init__(message, **where)
 
 
 class RuntimeStateError(LoraHubError, RuntimeError):
@@ -390,9 +396,9 @@ class AdapterRejectedError(HubError, ValueError):
 
     code = "ADAPTER_REJECTED"
 
-    def __init__(self, message: str, *, findings: list | None = None, path: str | os.PathLike[str] | None = None):
+    def __init__(self, message: str, *, findings: list | None = None, **where: Any) -> None:
         self.findings = findings or []
-        super().__init__(message, path=path)
+        super().__init__(message, **where)
 
 
 class RegistryError(LoraHubError, LookupError):

@@ -370,27 +370,33 @@ def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], dict
 
 def _tensor_info(name: str, entry: object, buffer_size: int) -> TensorInfo:
     if not name or len(name) * 4 > C.MAX_NAME_BYTES and len(name.encode("utf-8")) > C.MAX_NAME_BYTES:
-        raise LimitExceededError(f"tensor name {name[:80]!r} must be 1 to {C.MAX_NAME_BYTES} bytes long")
+        raise LimitExceededError(f"tensor name {name[:80]!r} must be 1 to {C.MAX_NAME_BYTES} bytes long",
+                                 tensor=name[:C.MAX_NAME_BYTES])
     if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
         raise HeaderSchemaError(f"tensor {name}: the entry must be an object with exactly the keys dtype, shape "
-                                "and data_offsets")
+                                "and data_offsets", tensor=name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if type(dtype) is not str or dtype not in C.DTYPES:
-        raise TensorDtypeError(f"tensor {name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})")
+        raise TensorDtypeError(f"tensor {name}: unknown dtype {dtype!r} (known: {', '.join(C.DTYPES)})",
+                               tensor=name)
     if type(shape) is not list or not _json_ints(shape):
-        raise HeaderSchemaError(f"tensor {name}: shape must be a list of integers from 0 to 2**53-1, got {shape!r}")
+        raise HeaderSchemaError(f"tensor {name}: shape must be a list of integers from 0 to 2**53-1, got {shape!r}",
+                                tensor=name)
     if len(shape) > C.MAX_NDIM:
-        raise LimitExceededError(f"tensor {name}: {len(shape)} dimensions, over the limit of {C.MAX_NDIM}")
+        raise LimitExceededError(f"tensor {name}: {len(shape)} dimensions, over the limit of {C.MAX_NDIM}",
+                                 tensor=name)
     if type(offsets) is not list or len(offsets) != 2 or not _json_ints(offsets):
-        raise HeaderSchemaError(f"tensor {name}: data_offsets must be two integers from 0 to 2**53-1, got {offsets!r}")
+        raise HeaderSchemaError(f"tensor {name}: data_offsets must be two integers from 0 to 2**53-1, got "
+                                f"{offsets!r}", tensor=name)
     begin, end = offsets
     if begin > end or end > buffer_size:
         raise OffsetOutOfRangeError(
-            f"tensor {name}: data_offsets [{begin}, {end}] do not lie within the {buffer_size:,}-byte buffer")
+            f"tensor {name}: data_offsets [{begin}, {end}] do not lie within the {buffer_size:,}-byte buffer",
+            tensor=name)
     expected = math.prod(shape) * C.DTYPES[dtype][0]
     if expected != end - begin:
         raise TensorSizeError(f"tensor {name}: shape {shape} of {dtype} needs {expected:,} bytes but data_offsets "
-                              f"span {end - begin:,}")
+                              f"span {end - begin:,}", tensor=name)
     return TensorInfo(dtype, tuple(shape), begin, end)
 
 
@@ -400,7 +406,8 @@ def _check_tiling(tensors: Mapping[str, TensorInfo], buffer_size: int) -> None:
     expected, previous = 0, None
     for name, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
         if info.begin < expected:
-            raise OffsetOverlapError(f"tensors {previous} and {name} overlap at buffer byte {info.begin:,}")
+            raise OffsetOverlapError(f"tensors {previous} and {name} overlap at buffer byte {info.begin:,}",
+                                     tensor=name)
         if info.begin > expected:
             raise BufferHoleError(f"buffer bytes {expected:,} to {info.begin:,} belong to no tensor")
         expected, previous = info.end, name

@@ -204,7 +204,8 @@ class _Validation(_Findings):
             step()
             return True
         except LoraHubError as e:
-            self.report.findings.append(Finding.of(e.code, e.message, file=e.path or self.file))
+            self.report.findings.append(Finding.of(e.code, e.message, file=e.path or self.file, tensor=e.tensor,
+                                                   module=e.module))
         except OSError as e:
             self.add("READ_FAILED", f"{type(e).__name__}: {e}")
         except Exception as e:  # a bug, not a verdict on the file: say so rather than crash the caller

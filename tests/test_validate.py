@@ -345,3 +345,33 @@ def test_corpus_peft_adapters_for_vllm(corpus: Path) -> None:
     report = lora_hub.validate(corpus / "peft/guilhermmeabreu-lab08", profile="vllm", level="header")
     assert report.ok and report.findings[-1].message.endswith("--max-lora-rank 16 or more")
     assert os.fspath(corpus) in report.source
+
+
+def test_findings_from_errors_say_where(tmp_path: Path) -> None:
+    import struct as _struct
+
+    from .test_crash_inputs import with_config
+
+    plain = lora_hub.save_adapter(_llama_adapter(), tmp_path / "plain.safetensors")
+    module = next(iter(lora_hub.read_header(plain).config.modules))
+    a_name = f"base_model.model.{module}.lora_A.weight"
+    shape = with_config(plain, tmp_path / "shape.safetensors", **{"module:in_features": 65})
+    report = lora_hub.validate(shape, level="header")
+    assert report.codes == ["SHAPE_MISMATCH"] and report.findings[0].module == module
+    assert report.findings[0].tensor == a_name
+    data = bytearray(plain.read_bytes())
+    (size,) = _struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    del header[a_name]["dtype"]
+    raw = json.dumps(header).encode()
+    (tmp_path / "schema.safetensors").write_bytes(_struct.pack("<Q", len(raw)) + raw + bytes(data[8 + size:]))
+    report = lora_hub.validate(tmp_path / "schema.safetensors", level="header")
+    assert report.codes == ["HEADER_SCHEMA"] and report.findings[0].tensor == a_name
+    missing = with_config(plain, tmp_path / "missing.safetensors",
+                          modules={**json.loads(lora_hub.read_safetensors_header(plain).metadata["lora_hub.config"])
+                                   ["modules"], "model.extra": {"r": 4, "alpha": 8, "in_features": 64,
+                                                                "out_features": 64}})
+    report = lora_hub.validate(missing, level="header")
+    assert report.codes == ["TENSOR_MISSING"] and report.findings[0].module == "model.extra"
+    as_json = json.loads(report.to_json())["findings"][0]
+    assert as_json["module"] == "model.extra" and as_json["tensor"] == "base_model.model.model.extra.lora_A.weight"

@@ -109,14 +109,15 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
     alphas = KeyPatterns(alpha_pattern, what="alpha_pattern", budget=budget)
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
-            raise MissingTensorError(f"module '{module}' has lora_{''.join(pair)} but not both lora_A and lora_B")
+            raise MissingTensorError(f"module '{module}' has lora_{''.join(pair)} but not both lora_A and lora_B",
+                                     module=module)
         a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
         if len(b_shape) == 3 and enable_lora is not None:
             b = _merged_linear_b(module, tensors[pair["B"]], enable_lora)
             rewritten[pair["B"]], b_shape = b, tuple(b.shape)
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise UnsupportedFeatureError(f"module '{module}' has lora_A {list(a_shape)} and lora_B {list(b_shape)}: "
-                                          "convolution LoRA is not part of lora-hub format v1")
+                                          "convolution LoRA is not part of lora-hub format v1", module=module)
         try:
             specs[module] = module_spec(
                 module, a_shape, b_shape,
@@ -127,7 +128,7 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
                 rslora=bool(config.get("use_rslora", False)),
             )
         except RankMismatchError as e:
-            raise PeftConfigError(f"adapter_config.json contradicts the tensors: {e.message}") from e
+            raise PeftConfigError(f"adapter_config.json contradicts the tensors: {e.message}", module=module) from e
         if not _targeted(config.get("target_modules"), module, budget):
             untargeted.append(module)
     if untargeted:
@@ -139,14 +140,14 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
     for owner in to_save:
         clash = next((m for m in specs if m == owner or m.startswith(owner + ".") or owner.startswith(m + ".")), None)
         if clash:
-            raise ModuleConflictError(f"'{owner}' has both LoRA tensors and saved weights ({clash})")
+            raise ModuleConflictError(f"'{owner}' has both LoRA tensors and saved weights ({clash})", module=owner)
     base = BaseModelRef(name=config.get("base_model_name_or_path") or None, revision=config.get("revision") or None)
     try:
         adapter_config = AdapterConfig(modules=specs, modules_to_save=tuple(to_save), base_model=base,
                                        task_type=config.get("task_type") or None)
     except ConfigError as e:
-        raise PeftConfigError(f"adapter_config.json describes an adapter outside the format's rules: {e.message}"
-                              ) from e
+        raise PeftConfigError(f"adapter_config.json describes an adapter outside the format's rules: {e.message}",
+                              module=e.module, tensor=e.tensor) from e
     if rewritten:
         tensors = {**{name: tensors[name] for name in tensors if name not in rewritten}, **rewritten}
     return Adapter(adapter_config, tensors)
@@ -248,26 +249,29 @@ def _split_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, A
     others: dict[str, str] = {}
     for name in shapes:
         if not name.startswith(C.TENSOR_PREFIX):
-            raise PeftConfigError(f"tensor {name} does not start with '{C.TENSOR_PREFIX}': not a PEFT state dict")
+            raise PeftConfigError(f"tensor {name} does not start with '{C.TENSOR_PREFIX}': not a PEFT state dict",
+                                  tensor=name)
         path = name[len(C.TENSOR_PREFIX):]
         if path.endswith(C.LORA_A_SUFFIX):
             pairs.setdefault(path[:-len(C.LORA_A_SUFFIX)], {})["A"] = name
         elif path.endswith(C.LORA_B_SUFFIX):
             pairs.setdefault(path[:-len(C.LORA_B_SUFFIX)], {})["B"] = name
         elif "lora_magnitude_vector" in path:
-            raise UnsupportedFeatureError(f"{name} is a DoRA magnitude vector: DoRA is not part of lora-hub format v1")
+            raise UnsupportedFeatureError(f"{name} is a DoRA magnitude vector: DoRA is not part of lora-hub format v1",
+                                          tensor=name)
         elif "lora_embedding_" in path:
-            raise UnsupportedFeatureError(f"{name}: LoRA on embedding layers is not part of lora-hub format v1")
+            raise UnsupportedFeatureError(f"{name}: LoRA on embedding layers is not part of lora-hub format v1",
+                                          tensor=name)
         elif any(segment in f".{path}." for segment in _WRAPPER_SEGMENTS):
             raise ModuleConflictError(
                 f"{name} is PEFT wrapper state: the adapter was saved from a model where one module is both a LoRA "
                 "target and a module to save, which PEFT itself cannot load back; retrain without listing that "
-                "module in both target_modules and modules_to_save")
+                "module in both target_modules and modules_to_save", tensor=name)
         elif ".lora_" in f".{path}":
-            raise UnsupportedFeatureError(f"{name} is a LoRA tensor lora-hub does not know")
+            raise UnsupportedFeatureError(f"{name} is a LoRA tensor lora-hub does not know", tensor=name)
         elif path.endswith(".bias") and config.get("bias", "none") != "none":
             raise UnsupportedFeatureError(f"{name}: trained biases (bias='{config.get('bias')}') are not part of "
-                                          "lora-hub format v1")
+                                          "lora-hub format v1", tensor=name)
         else:
             others[path] = name
     return pairs, others
