@@ -166,7 +166,8 @@ def test_validate_gives_one_verdict_per_path_and_exit_codes(run, tmp_path: Path)
     assert both.exit_code == 1
     lines = both.output.splitlines()
     assert sum(line.startswith(("/", str(tmp_path))) for line in lines) == 3
-    assert f"{bad}: INVALID" in both.output and "  error OFFSET_OVERLAP: tensors t and u overlap" in both.output
+    assert f"{bad}: INVALID" in both.output
+    assert "  error OFFSET_OVERLAP [tensor u]: tensors t and u overlap" in both.output
     assert "  error NOT_FOUND" in both.output
 
 

@@ -269,6 +269,7 @@ def test_same_targets_with_different_fingerprints_are_refused(tmp_path: Path) ->
         lora_hub.combine([one, two], [1, 1])
 
 
+@pytest.mark.slow
 def test_memory_holds_one_module_at_a_time(tmp_path: Path, monkeypatch) -> None:
     """Four times the modules, about the same peak: the full deltas are made and dropped module by module. glibc
     is told to map every large block separately, so that freed tensors leave the resident set (by default it keeps
@@ -280,15 +281,15 @@ def test_memory_holds_one_module_at_a_time(tmp_path: Path, monkeypatch) -> None:
              for i in range(2)]
     warm_up = f"lora_hub.combine({[str(f) for f in small]!r}, [1, 1], method='ties', density=0.5)"  # LAPACK etc.
     peaks = {}
-    for layers in (4, 16):
-        model = tiny_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
-                           num_attention_heads=8, num_key_value_heads=8)
-        files = []
-        for i in range(2):
-            peft_dir = random_peft_adapter(model, tmp_path / f"l{layers}-{i}", seed=i, r=4,
-                                           target_modules=["up_proj", "down_proj"])
-            files.append(str(lora_hub.save_adapter(lora_hub.convert_adapter(peft_dir),
-                                                   tmp_path / f"l{layers}-{i}.safetensors")))
+    for layers in (4, 16):  # the MLP projections of a hidden-512 Llama, r=4, made without building the model
+        specs = {}
+        for layer in range(layers):
+            specs[f"model.layers.{layer}.mlp.up_proj"] = lora_hub.ModuleSpec(r=4, alpha=8, in_features=512,
+                                                                             out_features=1024)
+            specs[f"model.layers.{layer}.mlp.down_proj"] = lora_hub.ModuleSpec(r=4, alpha=8, in_features=1024,
+                                                                               out_features=512)
+        files = [str(lora_hub.save_adapter(random_adapter(i, specs=specs, with_head=False),
+                                           tmp_path / f"l{layers}-{i}.safetensors")) for i in range(2)]
         peaks[layers] = peak_memory_added(f"lora_hub.combine({files!r}, [1, 1], method='ties', density=0.5)",
                                           setup=f"import torch, lora_hub\n{warm_up}")
     # Holding every full delta would add 12 layers x 2 modules x 2 adapters x 2 MB = 96 MB for the larger one.

@@ -231,6 +231,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_folder_write_killed_at_any_moment_leaves_a_consistent_pair(tmp_path: Path) -> None:
     import random
     import signal

@@ -93,6 +93,7 @@ for name in adapter.tensors:
 """
 
 
+@pytest.mark.slow
 def test_a_file_cut_short_after_load_is_a_typed_error_not_a_crash(tmp_path: Path) -> None:
     path = lora_hub.save_adapter(random_adapter(3), tmp_path / "a.safetensors")
     result = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(path)], capture_output=True, text=True,
@@ -237,6 +238,7 @@ def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
 
+@pytest.mark.slow
 def test_killed_save_never_leaves_a_partial_file(tmp_path: Path) -> None:
     """A process killed at any moment while saving leaves either nothing or a complete, valid file."""
     target = tmp_path / "big.safetensors"

@@ -202,6 +202,7 @@ def test_load_and_apply_resolve_registry_names(hub: Hub, base_dirs, tmp_path) ->
             _logits_lora_hub(missing)
 
 
+@pytest.mark.slow
 def test_the_server_killed_mid_download_leaves_no_corrupt_cache_entry(hub: Hub, base_dirs, tmp_path) -> None:
     root = tmp_path / "server"
     from lora_hub.server import Store
@@ -246,6 +247,7 @@ def test_the_server_killed_mid_download_leaves_no_corrupt_cache_entry(hub: Hub, 
 _PULL = "import lora_hub, sys; lora_hub.pull(sys.argv[1], endpoint=sys.argv[2], cache_dir=sys.argv[3])"
 
 
+@pytest.mark.slow
 def test_a_killed_pull_is_resumed_with_a_range_request_and_verified(hub: Hub, base_dirs, tmp_path) -> None:
     import signal
     import time
@@ -291,6 +293,7 @@ def test_a_killed_pull_is_resumed_with_a_range_request_and_verified(hub: Hub, ba
     assert _sha256(lora_hub.pull("alice/resume", cache_dir=other, token=hub.alice)) == digest
 
 
+@pytest.mark.slow
 def test_two_processes_pulling_the_same_repo_both_succeed(hub: Hub, base_dirs, tmp_path) -> None:
     lora_hub.push(_adapter(tmp_path, base_dirs["llama"], seed=12, r=32), "alice/race", token=hub.alice)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache")}

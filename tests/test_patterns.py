@@ -61,6 +61,7 @@ print(f"{time.perf_counter() - start:.2f}")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", list(EVIL_CONFIGS))
 def test_backtracking_patterns_finish_at_once_everywhere(field: str, tmp_path: Path) -> None:
     folder = _evil_peft_folder(tmp_path / "evil", **EVIL_CONFIGS[field])
@@ -123,6 +124,7 @@ def test_patterns_that_cannot_run_safely_are_findings(pattern: str, code: str, t
     assert caught.value.code == code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("keys", "modules"), [(9_000, 0), (8_000, 600)], ids=["compiles", "tests"])
 def test_a_config_needing_too_much_pattern_work_is_refused(keys: int, modules: int, tmp_path: Path) -> None:
     pattern = {f"k{i}.*": 8 for i in range(keys)}  # regular expressions, not plain names
@@ -133,6 +135,7 @@ def test_a_config_needing_too_much_pattern_work_is_refused(keys: int, modules: i
     assert time.perf_counter() - start < 30
 
 
+@pytest.mark.slow
 def test_plain_name_keys_cost_no_pattern_tests(tmp_path: Path) -> None:
     pattern = {f"k{i}": 8 for i in range(500_000)}  # 6 MB of config: looked up, never matched
     folder = _evil_peft_folder(tmp_path / "many", extra_modules=10, target_modules=["x"], rank_pattern=pattern)

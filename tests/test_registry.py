@@ -78,6 +78,7 @@ for i in range(int(sys.argv[3])):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_all_land(tmp_path: Path) -> None:
     writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), f"w{n}", "60"]) for n in range(3)]
     assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
@@ -86,6 +87,7 @@ def test_concurrent_writers_all_land(tmp_path: Path) -> None:
     assert len(registry.list()) == 180
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_write_leaves_the_database_consistent(tmp_path: Path) -> None:
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), "k", "100000"], stdout=subprocess.PIPE,
                               text=True)
@@ -122,6 +124,7 @@ def _damage(path: Path, how: str) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["garbage", "bit-flipped", "truncated", "directory"])
 def test_a_damaged_registry_gives_one_error_line_in_list_and_rm(how: str, tmp_path: Path) -> None:
     home = tmp_path / "home"

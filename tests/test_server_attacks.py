@@ -86,6 +86,7 @@ def test_a_forged_lfs_pointer_cannot_read_another_repositorys_private_object(ser
     assert bob.list_repo_files("bob/steal") == ["mine.bin"]
 
 
+@pytest.mark.slow
 def test_anonymous_work_is_bounded_and_never_stalls_the_server(server) -> None:
     handle, tokens = server
     started = time.perf_counter()
@@ -120,6 +121,7 @@ def test_anonymous_work_is_bounded_and_never_stalls_the_server(server) -> None:
     assert max(latencies) < 2.0, latencies
 
 
+@pytest.mark.slow
 def test_connections_without_a_request_are_closed(server) -> None:
     handle, tokens = server
     host, port = handle.url.removeprefix("http://").split(":")

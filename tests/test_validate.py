@@ -88,6 +88,7 @@ def test_header_tier_reads_no_tensor_data_and_imports_no_torch(tmp_path: Path) -
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
+@pytest.mark.slow
 def test_hostile_files_stay_within_the_documented_memory(tmp_path: Path) -> None:
     """Every invalid vector, the large ones included (a million tiny tensors), under a 1 GiB address-space cap."""
     subprocess.run([sys.executable, str(VECTORS / "make_vectors.py"), "--large", str(tmp_path)], check=True)

@@ -58,6 +58,7 @@ def test_committed_vectors_are_what_the_script_makes(tmp_path) -> None:
         assert (tmp_path / path).read_bytes() == (VECTORS / path).read_bytes(), path
 
 
+@pytest.mark.slow
 def test_large_vectors_give_their_codes(tmp_path) -> None:
     subprocess.run([sys.executable, str(VECTORS / "make_vectors.py"), "--large", str(tmp_path)], check=True)
     large = json.loads((tmp_path / "manifest.json").read_text())["invalid_large"]
