@@ -159,7 +159,8 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
 @click.option("--merge", is_flag=True, help="Merge the adapter into the weights (exact unmerge is kept).")
 @click.option("--output", type=click.Path(file_okay=False), help="Save the model, adapter merged, to this folder.")
 @click.option("--prompt", help="Generate from this prompt with the adapter applied, and print the text.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="How many tokens to generate after the prompt.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
 def apply(adapter: str | None, base: str | None, load_in_8bit: bool, merge: bool, output: str | None,
           prompt: str | None, max_new_tokens: int, allow_pickle: bool) -> None:
