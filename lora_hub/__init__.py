@@ -11,6 +11,7 @@ from .adapter import AdapterConfig as AdapterConfig
 from .adapter import BaseModelRef as BaseModelRef
 from .adapter import ModuleSpec as ModuleSpec
 from .adapter import delta_weight as delta_weight
+from .adapter import dora_weight as dora_weight
 from .basemodel import BaseModelInfo as BaseModelInfo
 from .basemodel import LayerInfo as LayerInfo
 from .basemodel import describe_base as describe_base
@@ -38,6 +39,7 @@ from .errors import ConfigError as ConfigError
 from .errors import ConfigMissingError as ConfigMissingError
 from .errors import ConversionError as ConversionError
 from .errors import FanInFanOutCorrectedWarning as FanInFanOutCorrectedWarning
+from .errors import FeatureUnknownError as FeatureUnknownError
 from .errors import FileChangedError as FileChangedError
 from .errors import FileTruncatedError as FileTruncatedError
 from .errors import FormatVersionError as FormatVersionError
@@ -144,6 +146,7 @@ __all__ = [
     "ConversionError",
     "FORMAT_VERSION",
     "FanInFanOutCorrectedWarning",
+    "FeatureUnknownError",
     "FileChangedError",
     "FileTruncatedError",
     "Finding",
@@ -211,6 +214,7 @@ __all__ = [
     "delta_weight",
     "describe_base",
     "detect_layout",
+    "dora_weight",
     "fit_to_base",
     "from_loralib",
     "from_peft",

@@ -14,8 +14,8 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import constants as C
 from .errors import (
@@ -32,7 +32,33 @@ if TYPE_CHECKING:
     import torch
 
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
+KINDS = ("linear", "embedding", "experts")
+"""The kinds of module (FORMAT.md section 8)."""
+FEATURES: dict[str, str] = {
+    "embedding": "LoRA on embedding layers (lora_embedding_A, lora_embedding_B)",
+    "experts": "LoRA on the 3-D expert parameters of mixture-of-experts blocks (PEFT's target_parameters)",
+    "lora_bias": "a bias on lora_B (PEFT's lora_bias)",
+    "dora": "DoRA: weight-decomposed LoRA with a magnitude per output row (PEFT's use_dora)",
+    "base_weights": "base-layer weights that the adapter replaces (the embedding matrices PEFT saves)",
+    "trainable_tokens": "replacement rows of an embedding for some tokens (PEFT's trainable_token_indices)",
+}
+"""The format features a file may need (FORMAT.md section 4): a reader refuses a file that lists one it does not
+know, by name."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+_RESERVED_SEGMENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                      "base_layer", "token_adapter")
+
+
+class ModuleTensors(NamedTuple):
+    """The tensor names of one module (None for what it does not have)."""
+
+    lora_A: str
+    lora_B: str
+    bias: str | None
+    magnitude: str | None
+    base: str | None
 
 
 def check_module_name(name: object) -> str | None:
@@ -44,7 +70,7 @@ def check_module_name(name: object) -> str | None:
     if not _MODULE_PATH.fullmatch(name):
         return "each dot-separated segment must be non-empty and use only A-Z, a-z, 0-9, '_' and '-'"
     dotted = f".{name}."
-    for reserved in ("lora_A", "lora_B"):
+    for reserved in _RESERVED_SEGMENTS:
         if f".{reserved}." in dotted:
             return f"'{reserved}' is reserved for tensor names and cannot be a module path segment"
     return None
@@ -62,6 +88,15 @@ class ModuleSpec:
         rslora: Rank-stabilised scaling, alpha / sqrt(r).
         fan_in_fan_out: The base layer stores its weight as (in, out), like GPT-2's Conv1D.
         enable_lora: For fused projections (loralib MergedLinear): which of the equal output slices are adapted.
+        kind: What the module is (FORMAT.md section 8): "linear" (nn.Linear, Conv1D, quantized linear layers),
+            "embedding" (nn.Embedding: in_features is the vocabulary, out_features the embedding width), or
+            "experts" (a 3-D parameter of a mixture-of-experts block, one update per expert; the module path is the
+            parameter's path).
+        experts: For kind "experts": the number of experts.
+        bias: lora_B has a bias (PEFT's lora_bias), tensor `<M>.lora_B.bias`.
+        dora: A DoRA module: a magnitude per output row, tensor `<M>.lora_magnitude_vector`.
+        replaces_base: The adapter brings its own base-layer weight, tensor `<M>.base_layer.weight` (the embedding
+            matrices PEFT saves beside embedding and lm_head LoRA, resized vocabularies included).
     """
 
     r: int
@@ -71,6 +106,11 @@ class ModuleSpec:
     rslora: bool = False
     fan_in_fan_out: bool = False
     enable_lora: tuple[bool, ...] | None = None
+    kind: str = "linear"
+    experts: int | None = None
+    bias: bool = False
+    dora: bool = False
+    replaces_base: bool = False
 
     @property
     def scaling(self) -> float:
@@ -88,23 +128,56 @@ class ModuleSpec:
 
     @property
     def a_shape(self) -> tuple[int, int]:
-        return (self.r * self.groups, self.in_features)
+        return (self.r * self.groups * (self.experts or 1), self.in_features)
 
     @property
     def b_shape(self) -> tuple[int, int]:
-        return (self.slice_features * self.groups, self.r)
+        return (self.slice_features * self.groups, self.r * (self.experts or 1))
 
     @property
-    def delta_shape(self) -> tuple[int, int]:
-        """Shape of the delta as it adds to the base weight: (in, out) when fan_in_fan_out, else (out, in)."""
-        return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
+    def delta_shape(self) -> tuple[int, ...]:
+        """Shape of the delta as it adds to the base weight (its layout as stored): (in, out) when fan_in_fan_out
+        and for embeddings, else (out, in); experts have one such matrix per expert in front."""
+        transposed = self.fan_in_fan_out or self.kind == "embedding"
+        shape = (self.in_features, self.out_features) if transposed else (self.out_features, self.in_features)
+        return (self.experts, *shape) if self.kind == "experts" else shape
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The format features this module needs (FORMAT.md section 4): none for a plain linear module."""
+        if self.kind == "linear" and not (self.bias or self.dora or self.replaces_base):
+            return frozenset()
+        found = {self.kind} if self.kind != "linear" else set()
+        for flag, name in ((self.bias, "lora_bias"), (self.dora, "dora"), (self.replaces_base, "base_weights")):
+            if flag:
+                found.add(name)
+        return frozenset(found)
+
+    def tensor_names(self, module: str) -> ModuleTensors:
+        """The names of the module's tensors in a file (PEFT's names, FORMAT.md section 5)."""
+        stem = C.TENSOR_PREFIX + module
+        embedding = self.kind == "embedding"
+        return ModuleTensors(
+            f"{stem}.lora_embedding_A" if embedding else stem + C.LORA_A_SUFFIX,
+            f"{stem}.lora_embedding_B" if embedding else stem + C.LORA_B_SUFFIX,
+            f"{stem}.lora_B.bias" if self.bias else None,
+            f"{stem}.lora_magnitude_vector" if self.dora else None,
+            f"{stem}.base_layer.weight" if self.replaces_base else None,
+        )
+
+    @property
+    def base_shape(self) -> tuple[int, int]:
+        """The shape of the base-layer weight as stored (what `replaces_base` tensors have)."""
+        return self.delta_shape
 
     def problems(self) -> list[str]:
         """What is wrong with this spec, as sentences; empty when it is valid."""
         if (type(self.r) is int and 1 <= self.r <= C.MAX_RANK and type(self.in_features) is int
                 and type(self.out_features) is int and self.in_features >= 1 and self.out_features >= 1
                 and type(self.alpha) in (int, float) and 0 < self.alpha <= C.MAX_SCALING
-                and type(self.rslora) is bool and type(self.fan_in_fan_out) is bool and self.enable_lora is None):
+                and type(self.rslora) is bool and type(self.fan_in_fan_out) is bool and self.enable_lora is None
+                and self.kind == "linear" and self.experts is None and self.bias is False and self.dora is False
+                and self.replaces_base is False):
             return []  # the common case, checked in one expression (alpha <= MAX_SCALING bounds the scaling)
         found = []
         for key in ("r", "in_features", "out_features"):
@@ -130,10 +203,41 @@ class ModuleSpec:
                 found.append("enable_lora must enable at least one slice")
             elif is_json_int(self.out_features) and self.out_features % len(flags):
                 found.append(f"out_features={self.out_features} is not divisible by len(enable_lora)={len(flags)}")
+        found += self._kind_problems()
+        return found
+
+    def _kind_problems(self) -> list[str]:
+        """The rules of kinds and features (FORMAT.md section 6): which combinations the format defines."""
+        found = []
+        for key in ("bias", "dora", "replaces_base"):
+            if not isinstance(getattr(self, key), bool):
+                found.append(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.kind not in KINDS:
+            return found + [f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}"]
+        if self.kind == "experts":
+            if not is_json_int(self.experts) or not 1 <= self.experts <= C.MAX_EXPERTS:
+                found.append(f"experts must be an integer from 1 to {C.MAX_EXPERTS} for kind experts, got "
+                             f"{self.experts!r}")
+        elif self.experts is not None:
+            found.append(f"experts is only for kind experts, not {self.kind}")
+        special = [k for k in ("bias", "dora") if getattr(self, k) is True]
+        if self.kind != "linear" and special:
+            found.append(f"{' and '.join(special)} are defined for linear modules only, not {self.kind}")
+        if self.kind == "experts" and self.replaces_base is True:
+            found.append("replaces_base is not defined for kind experts")
+        if self.kind == "embedding" and self.fan_in_fan_out is True:
+            found.append("fan_in_fan_out is not used by embeddings (their weight is (vocabulary, width)): leave it "
+                         "false")
+        if self.enable_lora is not None and (self.kind != "linear" or special or self.replaces_base is True):
+            found.append("enable_lora is defined for plain linear modules only")
+        if self.bias is True and self.dora is True:
+            found.append("bias and dora together are not defined by the format")
         return found
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The module entry: the seven keys of version 1 always, the keys of features only when they are used (so a
+        plain module's entry, and a version-1 file, keep their bytes)."""
+        out = {
             "r": self.r,
             "alpha": _canonical_number(self.alpha),
             "rslora": self.rslora,
@@ -142,6 +246,14 @@ class ModuleSpec:
             "fan_in_fan_out": self.fan_in_fan_out,
             "enable_lora": list(self.enable_lora) if self.enable_lora is not None else None,
         }
+        if self.kind != "linear":
+            out["kind"] = self.kind
+        if self.experts is not None:
+            out["experts"] = self.experts
+        for key in ("bias", "dora", "replaces_base"):
+            if getattr(self, key):
+                out[key] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: object, *, module: str) -> ModuleSpec:
@@ -152,7 +264,9 @@ class ModuleSpec:
         try:
             return cls(  # checked where it is placed in an AdapterConfig, which names the module
                 data["r"], data["alpha"], data["in_features"], data["out_features"], data.get("rslora", False),
-                data.get("fan_in_fan_out", False), tuple(flags) if isinstance(flags, list) else flags)
+                data.get("fan_in_fan_out", False), tuple(flags) if isinstance(flags, list) else flags,
+                data.get("kind", "linear"), data.get("experts"), data.get("bias", False), data.get("dora", False),
+                data.get("replaces_base", False))
         except KeyError:
             missing = [k for k in ("r", "alpha", "in_features", "out_features") if k not in data]
             raise ConfigError(f"module '{module}': required key(s) {', '.join(missing)} missing",
@@ -190,6 +304,9 @@ class AdapterConfig:
     tags: tuple[str, ...] = ()
     tensors_sha256: str | None = None
     provenance: Mapping[str, Any] | None = None
+    trainable_tokens: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Embedding module path -> token indices whose rows the adapter replaces (PEFT's trainable_token_indices);
+    tensor `<M>.token_adapter.trainable_tokens_delta` holds the rows, in the order of the indices."""
 
     def __post_init__(self) -> None:
         for key in ("modules_to_save", "tags"):
@@ -234,10 +351,56 @@ class AdapterConfig:
                 raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
         if self.provenance is not None and not isinstance(self.provenance, Mapping):
             raise ConfigError(f"provenance must be an object, got {_json_type(self.provenance)}")
+        self._check_trainable_tokens()
+
+    def _check_trainable_tokens(self) -> None:
+        tokens = self.trainable_tokens
+        if not isinstance(tokens, Mapping):
+            raise ConfigError(f"trainable_tokens must be an object of module path -> token indices, got "
+                              f"{_json_type(tokens)}")
+        checked = {}
+        for name, indices in sorted(tokens.items()):
+            problem = check_module_name(name)
+            if problem:
+                raise ConfigError(f"trainable_tokens entry {name!r}: {problem}", module=name)
+            if isinstance(indices, (str, bytes)) or not isinstance(indices, (list, tuple)) or not indices or \
+                    len(indices) > C.MAX_TOKENS or not all(is_json_int(i) and 0 <= i <= C.MAX_JSON_INT
+                                                           for i in indices):
+                raise ConfigError(f"trainable_tokens entry '{name}' must be a non-empty list of at most "
+                                  f"{C.MAX_TOKENS:,} token indices (integers >= 0), got {_shown(indices)}",
+                                  module=name)
+            if len(set(indices)) != len(indices):
+                raise ConfigError(f"trainable_tokens entry '{name}' lists a token twice", module=name)
+            clash = _overlapping_module(name, self.modules) or (name if name in self.modules_to_save else None)
+            if clash:
+                raise ConfigError(f"trainable_tokens entry '{name}' overlaps '{clash}': a module's tokens are "
+                                  "replaced, or the module is adapted or saved, not both", module=name)
+            checked[name] = tuple(indices)
+        object.__setattr__(self, "trainable_tokens", checked)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The format features this adapter needs (FORMAT.md section 4), sorted: empty for a version-1 file."""
+        found: set[str] = set()
+        for spec in self.modules.values():
+            found |= spec.features
+        if self.trainable_tokens:
+            found.add("trainable_tokens")
+        return tuple(sorted(found))
+
+    def owned_tensor_names(self) -> set[str]:
+        """The names of every tensor that modules and trainable tokens own (all but modules_to_save's)."""
+        names = {name for module, spec in self.modules.items() for name in spec.tensor_names(module) if name}
+        return names | {self.token_tensor_name(module) for module in self.trainable_tokens}
+
+    def token_tensor_name(self, module: str) -> str:
+        """The name of the tensor that holds a trainable-tokens module's rows."""
+        return f"{C.TENSOR_PREFIX}{module}.token_adapter.trainable_tokens_delta"
 
     def lora_tensor_names(self, module: str) -> tuple[str, str]:
-        """The names of a module's lora_A and lora_B tensors."""
-        return f"{C.TENSOR_PREFIX}{module}{C.LORA_A_SUFFIX}", f"{C.TENSOR_PREFIX}{module}{C.LORA_B_SUFFIX}"
+        """The names of a module's lora_A and lora_B tensors (lora_embedding_A/B for embeddings)."""
+        names = self.modules[module].tensor_names(module)
+        return names.lora_A, names.lora_B
 
     def replacement_owner(self, tensor_name: str) -> str | None:
         """The module to save that a non-LoRA tensor belongs to (the longest listed prefix), or None."""
@@ -252,7 +415,8 @@ class AdapterConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """The config document; `provenance` appears only when the adapter has one (FORMAT.md, section 6)."""
+        """The config document; `provenance` and `trainable_tokens` appear only when the adapter has them (FORMAT.md,
+        section 6)."""
         out = {
             "base_model": self.base_model.to_dict() if self.base_model else None,
             "modules": {name: spec.to_dict() for name, spec in self.modules.items()},
@@ -267,6 +431,8 @@ class AdapterConfig:
         }
         if self.provenance is not None:
             out["provenance"] = dict(self.provenance)
+        if self.trainable_tokens:
+            out["trainable_tokens"] = {name: list(indices) for name, indices in self.trainable_tokens.items()}
         return out
 
     def to_json(self) -> str:
@@ -313,6 +479,7 @@ class AdapterConfig:
             tags=tuple(data.get("tags", [])),
             tensors_sha256=data.get("tensors_sha256"),
             provenance=data.get("provenance"),
+            trainable_tokens=data.get("trainable_tokens") or {},
         )
 
 
@@ -333,7 +500,8 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
     """
     claimed: set[str] = set()
     for module, spec in config.modules.items():
-        a_name, b_name = config.lora_tensor_names(module)
+        names = spec.tensor_names(module)
+        a_name, b_name = names.lora_A, names.lora_B
         present = [n for n in (a_name, b_name) if n in index]
         if len(present) < 2:
             have = f"only {present[0]} is present" if present else "neither is present"
@@ -348,21 +516,38 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
             if len(shape) != 2:
                 raise ShapeMismatchError(f"{name} must be 2-dimensional, got shape {list(shape)}", module=module,
                                          tensor=name)
-        groups = spec.groups
-        if a_shape[0] != b_shape[1] * groups:
+        groups = spec.groups * (spec.experts or 1)
+        if a_shape[0] != b_shape[1] * spec.groups:
             raise RankMismatchError(
                 f"module '{module}': lora_A has {a_shape[0]} rows but lora_B has rank {b_shape[1]}"
                 + (f" and {spec.groups} enabled slices" if spec.enable_lora else "")
                 + f"; expected lora_A rows = {'groups * ' if spec.enable_lora else ''}lora_B columns",
                 module=module, tensor=a_name)
-        expected = (spec.r * groups, spec.in_features, spec.slice_features * groups, spec.r)
-        if (a_shape[0], a_shape[1], b_shape[0], b_shape[1]) != expected:
+        if (tuple(a_shape), tuple(b_shape)) != (spec.a_shape, spec.b_shape):
             raise ShapeMismatchError(
                 f"module '{module}': the config (r={spec.r}, in={spec.in_features}, out={spec.out_features}"
                 + (f", enable_lora={list(spec.enable_lora)}" if spec.enable_lora else "")
-                + f") requires lora_A {list(spec.a_shape)} and lora_B {list(spec.b_shape)}, "
+                + (f", experts={spec.experts}" if spec.experts else "")
+                + f") requires {a_name.rsplit('.', 2)[-2] if spec.kind != 'embedding' else 'lora_embedding_A'} "
+                f"{list(spec.a_shape)} and {list(spec.b_shape)} (rank x {groups} per group), "
                 f"but the file has {list(a_shape)} and {list(b_shape)}",
-                module=module, tensor=a_name if a_shape != spec.a_shape else b_name)
+                module=module, tensor=a_name if tuple(a_shape) != spec.a_shape else b_name)
+        for role, name, shape in (("bias", names.bias, (spec.out_features,)),
+                                  ("magnitude", names.magnitude, (spec.out_features,)),
+                                  ("base weight", names.base, spec.base_shape)):
+            if name is not None:
+                _check_extra(index, module, role, name, shape)
+                claimed.add(name)
+    for module, indices in config.trainable_tokens.items():
+        name = config.token_tensor_name(module)
+        if name not in index:
+            raise MissingTensorError(f"trainable_tokens lists '{module}' but {name} is absent", module=module,
+                                     tensor=name)
+        dtype, shape = index[name]
+        if dtype not in C.LORA_DTYPES or len(shape) != 2 or shape[0] != len(indices):
+            raise ShapeMismatchError(f"{name} must be a float matrix of {len(indices)} rows (one per token index), "
+                                     f"got {dtype} {list(shape)}", module=module, tensor=name)
+        claimed.add(name)
     owned: Counter[str] = Counter()
     for name in index:
         if name in claimed:
@@ -370,7 +555,7 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
         owner = config.replacement_owner(name)
         if owner is None:
             raise UnexpectedTensorError(
-                f"tensor {name} belongs to no module in the config (neither a LoRA tensor of a listed module nor a "
+                f"tensor {name} belongs to no module in the config (neither a tensor of a listed module nor a "
                 "tensor of a module in modules_to_save)", tensor=name)
         if index[name][0] not in C.DTYPES:
             raise TensorDtypeError(f"{name} has unknown dtype {index[name][0]}", tensor=name, module=owner)
@@ -379,6 +564,21 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
         if not owned[module]:
             raise MissingTensorError(f"modules_to_save lists '{module}' but no tensor {C.TENSOR_PREFIX}{module}.* "
                                      "is present", module=module)
+
+
+def _check_extra(index: Mapping[str, tuple[str, tuple[int, ...]]], module: str, role: str, name: str,
+                 shape: tuple[int, ...]) -> None:
+    """A module's bias, magnitude or base weight: present, a float, of its shape."""
+    if name not in index:
+        raise MissingTensorError(f"module '{module}' needs its {role} {name}, which is absent", module=module,
+                                 tensor=name)
+    dtype, found = index[name]
+    if dtype not in C.LORA_DTYPES:
+        raise TensorDtypeError(f"{name} has dtype {dtype}; a {role} must be one of "
+                               f"{', '.join(sorted(C.LORA_DTYPES))}", module=module, tensor=name)
+    if tuple(found) != tuple(shape):
+        raise ShapeMismatchError(f"module '{module}': its {role} {name} must have shape {list(shape)}, got "
+                                 f"{list(found)}", module=module, tensor=name)
 
 
 def tensor_index(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -432,14 +632,39 @@ class Adapter:
         self._spec(module)
         return self.tensors[self.config.lora_tensor_names(module)[1]]
 
+    def lora_bias(self, module: str) -> torch.Tensor | None:
+        """lora_B's bias (PEFT's lora_bias), or None."""
+        name = self._spec(module).tensor_names(module).bias
+        return None if name is None else self.tensors[name]
+
+    def magnitude(self, module: str) -> torch.Tensor | None:
+        """A DoRA module's magnitude vector (one value per output row), or None."""
+        name = self._spec(module).tensor_names(module).magnitude
+        return None if name is None else self.tensors[name]
+
+    def base_weight(self, module: str) -> torch.Tensor | None:
+        """The base-layer weight the adapter brings for `module` (ModuleSpec.replaces_base), or None."""
+        name = self._spec(module).tensor_names(module).base
+        return None if name is None else self.tensors[name]
+
+    def token_rows(self, module: str) -> torch.Tensor:
+        """The replacement rows of a trainable-tokens module, in the order of `config.trainable_tokens[module]`."""
+        if module not in self.config.trainable_tokens:
+            raise KeyError(f"the adapter has no trainable tokens on '{module}'")
+        return self.tensors[self.config.token_tensor_name(module)]
+
     def delta_weight(self, module: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The update this adapter adds to `module`'s base weight, shaped like that weight (see `delta_weight`)."""
+        """The update this adapter adds to `module`'s base weight, shaped like that weight (see `delta_weight`).
+
+        Raises:
+            ValueError: A DoRA module, whose update depends on the base weight (see `dora_weight`).
+        """
         return delta_weight(self._spec(module), self.lora_A(module), self.lora_B(module), dtype=dtype)
 
     def replacement_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of modules_to_save, by file name."""
-        lora = {n for m in self.config.modules for n in self.config.lora_tensor_names(m)}
-        return {n: t for n, t in self.tensors.items() if n not in lora}
+        owned = self.config.owned_tensor_names()
+        return {n: t for n, t in self.tensors.items() if n not in owned}
 
     def with_config(self, **changes: Any) -> Adapter:
         """A copy with some config fields replaced (descriptive fields such as name, task, tags, license)."""
@@ -484,15 +709,28 @@ def delta_weight(spec: ModuleSpec, lora_A: torch.Tensor, lora_B: torch.Tensor, *
 
     Plain: scaling * B @ A, shape (out, in). With enable_lora, the g-th enabled slice s of the output gets
     scaling * B[g*n:(g+1)*n] @ A[g*r:(g+1)*r] in rows [s*n, (s+1)*n) (n = out / len(enable_lora)); other slices
-    get zero. With fan_in_fan_out the result is transposed to (in, out), the layout of the base weight.
-    The product is computed in at least float32 on the tensors' device, then cast to `dtype` (by default the
-    promoted dtype of A and B).
+    get zero. With fan_in_fan_out, and for embeddings (whose weight is (vocabulary, width)), the result is transposed
+    to (in, out), the layout of the base weight. Experts: one such update per expert e, from lora_A rows
+    [e*r, (e+1)*r) and lora_B columns e, E + e, 2E + e, ... (PEFT's layout), shape (E, out, in). A lora_B bias is not
+    part of the weight update (it adds to the layer's bias). The product is computed in at least float32 on the
+    tensors' device, then cast to `dtype` (by default the promoted dtype of A and B).
+
+    Raises:
+        ValueError: A DoRA module: its update depends on the base weight (see `dora_weight`).
     """
     import torch
 
+    if spec.dora:
+        raise ValueError("a DoRA module's update depends on the base weight (it rescales each output row of the "
+                         "updated weight to its magnitude): use dora_weight(spec, weight, ...)")
     result_dtype = dtype or torch.promote_types(lora_A.dtype, lora_B.dtype)
     compute = torch.promote_types(torch.promote_types(lora_A.dtype, lora_B.dtype), torch.float32)
     a, b = lora_A.to(compute), lora_B.to(compute)
+    if spec.kind == "experts":
+        experts, r = spec.experts, spec.r
+        delta = torch.einsum("ore,eri->eoi", b.reshape(spec.out_features, r, experts),
+                             a.reshape(experts, r, spec.in_features)) * spec.scaling
+        return (delta.transpose(-2, -1) if spec.fan_in_fan_out else delta).to(result_dtype)
     if spec.enable_lora is None:
         delta = (b @ a) * spec.scaling
     else:
@@ -501,9 +739,24 @@ def delta_weight(spec: ModuleSpec, lora_A: torch.Tensor, lora_B: torch.Tensor, *
         delta = a.new_zeros(len(spec.enable_lora), n, spec.in_features)
         delta[torch.tensor(spec.enable_lora, device=a.device)] = per_slice
         delta = delta.reshape(spec.out_features, spec.in_features)
-    if spec.fan_in_fan_out:
+    if spec.fan_in_fan_out or spec.kind == "embedding":
         delta = delta.T
     return delta.to(result_dtype)
+
+
+def dora_weight(spec: ModuleSpec, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                magnitude: torch.Tensor) -> torch.Tensor:
+    """The merged weight of a DoRA module (FORMAT.md section 8): with W' = W + scaling * B @ A in (out, in)
+    orientation, each output row o becomes magnitude[o] / ||W'[o]||_2 * W'[o]. `weight` is the base weight as stored
+    (transposed when fan_in_fan_out); the result is float32, in the same layout."""
+    import torch
+
+    w = weight.float()
+    w = w.T if spec.fan_in_fan_out else w
+    updated = w + (lora_B.float() @ lora_A.float()) * spec.scaling
+    scale = magnitude.float() / torch.linalg.norm(updated, dim=1)
+    merged = updated * scale[:, None]
+    return merged.T if spec.fan_in_fan_out else merged
 
 
 def _overlapping_module(name: str, modules: Mapping[str, ModuleSpec]) -> str | None:

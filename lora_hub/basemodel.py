@@ -84,9 +84,10 @@ class BaseModelInfo:
         return fingerprint({m: self.layers[m].weight_shape for m in modules})
 
 
-def fingerprint(weight_shapes: Mapping[str, tuple[int, int]]) -> str:
-    """sha256 over the sorted lines "<module path>:<rows>x<cols>\\n" of the targeted base weights, as stored."""
-    text = "".join(f"{name}:{rows}x{cols}\n" for name, (rows, cols) in sorted(weight_shapes.items()))
+def fingerprint(weight_shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """sha256 over the sorted lines "<module path>:<rows>x<cols>\\n" of the targeted base weights, as stored (three
+    dimensions for expert parameters)."""
+    text = "".join(f"{name}:{'x'.join(map(str, shape))}\n" for name, shape in sorted(weight_shapes.items()))
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

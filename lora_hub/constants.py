@@ -6,12 +6,16 @@ reads anything large, and a conforming writer never produces one.
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-"""The lora-hub format version this library reads and writes."""
+FORMAT_VERSION = 2
+"""The newest lora-hub format version this library reads and writes. Files that need no feature are written as
+version 1, byte for byte as before; files that do are version 2 and list their features."""
 
 METADATA_FORMAT = "format"
 METADATA_FORMAT_VERSION = "lora_hub.format_version"
 METADATA_CONFIG = "lora_hub.config"
+METADATA_FEATURES = "lora_hub.features"
+"""Version 2: the features the file needs, comma-separated, sorted; a reader refuses a file that lists one it does
+not know."""
 
 TENSOR_PREFIX = "base_model.model."
 """Every tensor name starts with this, as in PEFT's adapter_model.safetensors."""
@@ -47,6 +51,10 @@ MAX_CONFIG_BYTES = 32 * 1024 * 1024
 MAX_TENSORS = 262_144
 MAX_MODULES = 131_072
 MAX_RANK = 16_384
+MAX_EXPERTS = 4_096
+"""Most experts of an `experts` module."""
+MAX_TOKENS = 1_048_576
+"""Most token indices of one trainable-tokens entry."""
 MAX_SCALING = 65_504.0
 """Largest scaling (alpha / r, or alpha / sqrt(r)) a module may have: the largest finite float16, so the scaled
 update can be computed in any floating dtype a base model uses."""

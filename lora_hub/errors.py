@@ -134,6 +134,12 @@ class FormatVersionError(InvalidAdapterError):
     code = "FORMAT_VERSION"
 
 
+class FeatureUnknownError(FormatVersionError):
+    """The file needs a format feature this reader does not know (FORMAT.md section 4): refused by name."""
+
+    code = "FEATURE_UNKNOWN"
+
+
 class MetadataError(InvalidAdapterError):
     """A lora-hub metadata value is malformed (for example a format version that is not an integer)."""
 

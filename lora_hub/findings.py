@@ -54,6 +54,8 @@ CATALOGUE: dict[str, Code] = {
     "NOT_LORA_HUB": Code(ERR, "The file is not a lora-hub file (no lora_hub.format_version).",
                          "Convert it: lora-hub convert SOURCE -o OUT.safetensors."),
     "FORMAT_VERSION": Code(ERR, "The file is from a newer format version.", "Upgrade lora-hub."),
+    "FEATURE_UNKNOWN": Code(ERR, "The file needs a format feature this version of lora-hub does not know.",
+                            "Upgrade lora-hub."),
     "METADATA_INVALID": Code(ERR, "The format version is malformed, or lora_hub.config is missing.",
                              "Re-save it with a conforming writer."),
     "CONFIG_INVALID": Code(ERR, "The lora_hub.config document breaks its schema.", "Fix the config; see FORMAT.md 6."),

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import constants as C
-from .adapter import Adapter, AdapterConfig, check_tensor_index, tensor_index
+from .adapter import FEATURES, Adapter, AdapterConfig, check_tensor_index, tensor_index
 from .errors import (
     AdapterNotFoundError,
     BufferHoleError,
     ChecksumMismatchError,
     ChecksumMismatchWarning,
+    FeatureUnknownError,
     FileTruncatedError,
     FormatVersionError,
     HeaderEncodingError,
@@ -328,11 +329,14 @@ def is_canonical(header: AdapterHeader) -> bool:
 
 
 def _canonical_header(entries: dict[str, Any], config: AdapterConfig) -> bytes:
+    features = config.features
     metadata = {
         C.METADATA_FORMAT: "pt",
-        C.METADATA_FORMAT_VERSION: str(C.FORMAT_VERSION),
+        C.METADATA_FORMAT_VERSION: "2" if features else "1",
         C.METADATA_CONFIG: config.to_json(),
     }
+    if features:
+        metadata[C.METADATA_FEATURES] = ",".join(features)
     header = canonical_json({**entries, "__metadata__": metadata}).encode("ascii")
     return header + b" " * (-len(header) % 8)
 
@@ -429,12 +433,41 @@ def _adapter_config(header: SafetensorsHeader) -> tuple[AdapterConfig, int]:
         raise FormatVersionError(
             f"the file is lora-hub format version {version}; this reader supports version {C.FORMAT_VERSION} "
             "and older: upgrade lora-hub to read it")
+    declared = _declared_features(header.metadata, int(version))
     text = header.metadata.get(C.METADATA_CONFIG)
     if text is None:
         raise MetadataError(f"the '{C.METADATA_CONFIG}' metadata key is missing")
     if len(text.encode("utf-8")) > C.MAX_CONFIG_BYTES:
         raise LimitExceededError(f"lora_hub.config is over the limit of {C.MAX_CONFIG_BYTES:,} bytes")
-    return AdapterConfig.from_json(text), int(version)
+    config = AdapterConfig.from_json(text)
+    if config.features != declared:
+        used, listed = ", ".join(config.features) or "none", ", ".join(declared) or "none"
+        raise MetadataError(f"the config uses the features {used} but lora_hub.features lists {listed}: a file "
+                            "must declare exactly the features it uses (FORMAT.md section 4)")
+    return config, int(version)
+
+
+def _declared_features(metadata: Mapping[str, str], version: int) -> tuple[str, ...]:
+    """The features a file declares (FORMAT.md section 4): none in version 1; in version 2 a list that must name
+    only features this reader knows."""
+    text = metadata.get(C.METADATA_FEATURES)
+    if version < 2:
+        if text is not None:
+            raise MetadataError(f"'{C.METADATA_FEATURES}' belongs to format version 2 and later; this file is "
+                                f"version {version}")
+        return ()
+    if text is None or not text:
+        raise MetadataError(f"a version-2 file must list its features in '{C.METADATA_FEATURES}'")
+    names = text.split(",")
+    if len(text) > 4096 or names != sorted(set(names)):
+        raise MetadataError(f"'{C.METADATA_FEATURES}' must be distinct feature names, sorted and comma-separated, "
+                            f"got {text[:80]!r}")
+    unknown = [name for name in names if name not in FEATURES]
+    if unknown:
+        raise FeatureUnknownError(
+            f"the file needs the feature(s) {', '.join(repr(n[:40]) for n in unknown[:4])}, which this version of "
+            f"lora-hub does not know (it knows {', '.join(FEATURES)}): upgrade lora-hub to read it")
+    return tuple(names)
 
 
 def _json_ints(values: list) -> bool:

@@ -46,7 +46,7 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks)."""
 _LISTED = 5
 """Findings about more modules than this are given as one finding with a count."""
-_METADATA_KEYS = frozenset({C.METADATA_FORMAT, C.METADATA_FORMAT_VERSION, C.METADATA_CONFIG})
+_METADATA_KEYS = frozenset({C.METADATA_FORMAT, C.METADATA_FORMAT_VERSION, C.METADATA_CONFIG, C.METADATA_FEATURES})
 
 
 def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, level: Level = "full",

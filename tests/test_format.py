@@ -294,8 +294,20 @@ def test_errors_name_the_file_and_inherit_builtins(tmp_path: Path) -> None:
 
 
 def test_format_version_error_names_both_versions(tmp_path: Path) -> None:
-    with pytest.raises(lora_hub.FormatVersionError, match="version 2.*version 1"):
-        lora_hub.read_header(Path(__file__).parents[1] / "spec/vectors/invalid/format_version_2.safetensors")
+    with pytest.raises(lora_hub.FormatVersionError, match="version 3.*version 2"):
+        lora_hub.read_header(Path(__file__).parents[1] / "spec/vectors/invalid/format_version_3.safetensors")
+
+
+def test_a_file_without_features_keeps_its_version_1_bytes_and_one_with_them_is_version_2(tmp_path: Path) -> None:
+    vectors = Path(__file__).parents[1] / "spec/vectors/valid"
+    plain = lora_hub.read_header(vectors / "plain_f32.safetensors")
+    assert plain.format_version == 1 and "lora_hub.features" not in plain.safetensors.metadata
+    dora = lora_hub.read_header(vectors / "dora.safetensors")
+    assert dora.format_version == 2 and dora.safetensors.metadata["lora_hub.features"] == "dora"
+    assert dora.config.features == ("dora",)
+    with pytest.raises(lora_hub.FeatureUnknownError, match="'telepathy'") as caught:
+        lora_hub.read_header(vectors.parent / "invalid/feature_unknown.safetensors")
+    assert isinstance(caught.value, lora_hub.FormatVersionError)  # older callers catch it as a newer format
 
 
 def test_peft_file_is_not_a_lora_hub_file_and_says_how_to_convert(tmp_path: Path) -> None:

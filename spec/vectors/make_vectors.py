@@ -1,4 +1,4 @@
-"""Writes the lora-hub format v1 conformance vectors and manifest.json, deterministically.
+"""Writes the lora-hub format conformance vectors (versions 1 and 2) and manifest.json, deterministically.
 
 This script implements the spec (spec/FORMAT.md) on its own, with struct, json and zipfile only: it does not use
 lora-hub, so the vectors test lora-hub instead of mirroring it. Run it from anywhere:
@@ -57,9 +57,25 @@ def tensor(dtype: str, shape: list[int], seed: int) -> Tensor:
     return Tensor(dtype, shape, values(math.prod(shape), seed))
 
 
-def module(r, alpha, i, o, *, rslora=False, fan_in_fan_out=False, enable_lora=None) -> dict:
+def module(r, alpha, i, o, *, rslora=False, fan_in_fan_out=False, enable_lora=None, **features) -> dict:
+    """A module entry: the seven keys of version 1, and the feature keys (kind, experts, bias, dora, replaces_base)
+    only when given, as the canonical writer writes them."""
     return {"r": r, "alpha": alpha, "in_features": i, "out_features": o, "rslora": rslora,
-            "fan_in_fan_out": fan_in_fan_out, "enable_lora": enable_lora}
+            "fan_in_fan_out": fan_in_fan_out, "enable_lora": enable_lora, **features}
+
+
+def features_of(conf: dict) -> list[str]:
+    """Section 4: the features a config uses."""
+    found = set()
+    for spec in conf["modules"].values():
+        if spec.get("kind", "linear") != "linear":
+            found.add(spec["kind"])
+        for key, name in (("bias", "lora_bias"), ("dora", "dora"), ("replaces_base", "base_weights")):
+            if spec.get(key):
+                found.add(name)
+    if conf.get("trainable_tokens"):
+        found.add("trainable_tokens")
+    return sorted(found)
 
 
 def config(modules: dict, **extra) -> dict:
@@ -86,6 +102,9 @@ def build(tensors: dict[str, Tensor], conf: dict | str | None, *, version: str |
         if conf.get("tensors_sha256", 0) is None:
             conf = dict(conf, tensors_sha256=hashlib.sha256(buffer).hexdigest())
         meta["lora_hub.config"] = canonical(conf)
+        if features_of(conf) and version == "1":  # section 4: a file that uses features is version 2
+            meta["lora_hub.format_version"] = "2"
+            meta["lora_hub.features"] = ",".join(features_of(conf))
     elif isinstance(conf, str):
         meta["lora_hub.config"] = conf
     if metadata is not None:
@@ -100,9 +119,15 @@ def raw_file(header: bytes, buffer: bytes = b"", *, length: int | None = None) -
     return struct.pack("<Q", len(header) if length is None else length) + header + buffer
 
 
-def delta(spec: dict, a: Tensor, b: Tensor) -> list[list[float]]:
+def delta(spec: dict, a: Tensor, b: Tensor) -> list:
     """Section 8 in plain Python: the update in the base weight's stored orientation."""
     r, i_f, o_f = spec["r"], spec["in_features"], spec["out_features"]
+    if spec.get("kind") == "experts":
+        e_count, scale = spec["experts"], spec["alpha"] / (math.sqrt(r) if spec["rslora"] else r)
+        # expert e: lora_A rows e*r .. e*r+r-1, lora_B columns k*E + e for k = 0 .. r-1
+        return [[[scale * sum(b.data[row * r * e_count + k * e_count + e] * a.data[(e * r + k) * i_f + col]
+                              for k in range(r)) for col in range(i_f)] for row in range(o_f)]
+                for e in range(e_count)]
     scale = spec["alpha"] / (math.sqrt(r) if spec["rslora"] else r)
     flags = spec["enable_lora"] or [True]
     n = o_f // len(flags)
@@ -113,18 +138,31 @@ def delta(spec: dict, a: Tensor, b: Tensor) -> list[list[float]]:
             for col in range(i_f):
                 acc = sum(b.data[(g * n + row) * r + j] * a.data[(g * r + j) * i_f + col] for j in range(r))
                 out[s * n + row][col] = acc * scale
-    if spec["fan_in_fan_out"]:
+    if spec["fan_in_fan_out"] or spec.get("kind") == "embedding":
         out = [list(col) for col in zip(*out, strict=True)]
     return out
 
 
 def pair(name: str, spec: dict, dtype: str, seed: int) -> dict[str, Tensor]:
+    """A module's tensors (section 5): lora_A and lora_B, and its bias, magnitude and base weight if it has them."""
     k = sum(spec["enable_lora"]) if spec["enable_lora"] else 1
     slices = len(spec["enable_lora"]) if spec["enable_lora"] else 1
-    return {
-        f"{PREFIX}{name}.lora_A.weight": tensor(dtype, [spec["r"] * k, spec["in_features"]], seed),
-        f"{PREFIX}{name}.lora_B.weight": tensor(dtype, [spec["out_features"] // slices * k, spec["r"]], seed + 1),
-    }
+    e = spec.get("experts") or 1
+    embedding = spec.get("kind") == "embedding"
+    a_name = f"{PREFIX}{name}.lora_embedding_A" if embedding else f"{PREFIX}{name}.lora_A.weight"
+    b_name = f"{PREFIX}{name}.lora_embedding_B" if embedding else f"{PREFIX}{name}.lora_B.weight"
+    out = {a_name: tensor(dtype, [spec["r"] * k * e, spec["in_features"]], seed),
+           b_name: tensor(dtype, [spec["out_features"] // slices * k, spec["r"] * e], seed + 1)}
+    if spec.get("bias"):
+        out[f"{PREFIX}{name}.lora_B.bias"] = tensor(dtype, [spec["out_features"]], seed + 2)
+    if spec.get("dora"):
+        out[f"{PREFIX}{name}.lora_magnitude_vector"] = tensor(dtype, [spec["out_features"]], seed + 3)
+    if spec.get("replaces_base"):
+        transposed = spec["fan_in_fan_out"] or embedding
+        shape = [spec["in_features"], spec["out_features"]] if transposed else [spec["out_features"],
+                                                                                  spec["in_features"]]
+        out[f"{PREFIX}{name}.base_layer.weight"] = tensor(dtype, shape, seed + 4)
+    return out
 
 
 def valid_vectors() -> dict[str, tuple[bytes, dict]]:
@@ -166,6 +204,45 @@ def valid_vectors() -> dict[str, tuple[bytes, dict]]:
     out["minimal_config_defaults"] = (build(t, minimal), facts)
     future = {"modules": {q: {**spec, "future_module_key": [1, 2]}}, "future_top_level_key": {"x": 1}}
     out["unknown_keys_ignored"] = (build(t, future), {**facts})
+    out.update(feature_vectors())
+    return out
+
+
+def feature_vectors() -> dict[str, tuple[bytes, dict]]:
+    """Version-2 files, one per feature (section 4), with the deltas of the new kinds."""
+    out = {}
+    emb, head, q = "model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj"
+    specs = {emb: module(2, 4, 6, 3, kind="embedding", replaces_base=True), head: module(2, 2, 3, 6,
+                                                                                          replaces_base=True)}
+    t = {**pair(emb, specs[emb], "F32", 21), **pair(head, specs[head], "F32", 27)}
+    facts = {"modules": specs, "tensor_count": 6, "canonical": True, "features": ["base_weights", "embedding"],
+             "delta": {emb: delta(specs[emb], t[f"{PREFIX}{emb}.lora_embedding_A"],
+                                  t[f"{PREFIX}{emb}.lora_embedding_B"])}}
+    out["embedding_lm_head_base_weights"] = (build(t, config(specs)), facts)
+
+    spec = module(2, 4, 4, 3, bias=True)
+    t = pair(q, spec, "F32", 31)
+    out["lora_bias"] = (build(t, config({q: spec})), {"modules": {q: spec}, "tensor_count": 3, "canonical": True,
+                                                       "features": ["lora_bias"]})
+    spec = module(2, 4, 4, 3, dora=True)
+    t = pair(q, spec, "F32", 41)
+    out["dora"] = (build(t, config({q: spec})), {"modules": {q: spec}, "tensor_count": 3, "canonical": True,
+                                                  "features": ["dora"]})
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    spec = module(2, 4, 3, 4, kind="experts", experts=3)
+    t = pair(experts, spec, "F32", 51)
+    facts = {"modules": {experts: spec}, "tensor_count": 2, "canonical": True, "features": ["experts"],
+             "delta": {experts: delta(spec, t[f"{PREFIX}{experts}.lora_A.weight"],
+                                      t[f"{PREFIX}{experts}.lora_B.weight"])}}
+    out["experts"] = (build(t, config({experts: spec})), facts)
+
+    spec = module(2, 4, 4, 3)
+    t = {**pair(q, spec, "F32", 61),
+         f"{PREFIX}{emb}.token_adapter.trainable_tokens_delta": tensor("F32", [2, 4], 63)}
+    conf = config({q: spec}, trainable_tokens={emb: [5, 1]})
+    out["trainable_tokens"] = (build(t, conf), {"modules": {q: spec}, "tensor_count": 3, "canonical": True,
+                                                "features": ["trainable_tokens"],
+                                                "trainable_tokens": {emb: [5, 1]}})
     return out
 
 
@@ -221,7 +298,7 @@ def invalid_vectors() -> dict[str, tuple[bytes, str]]:
                                           bytes(36)), "BUFFER_HOLE"),
         "trailing_bytes": (raw_file(header({"t": entry}), bytes(20)), "BUFFER_HOLE"),
         "not_lora_hub": (build(good, None, version=None), "NOT_LORA_HUB"),
-        "format_version_2": (build(good, config({q: spec}), version="2"), "FORMAT_VERSION"),
+        "format_version_3": (build(good, config({q: spec}), version="3"), "FORMAT_VERSION"),
         "format_version_leading_zero": (build(good, config({q: spec}), version="01"), "METADATA_INVALID"),
         "config_key_missing": (build(good, None), "METADATA_INVALID"),
         "config_not_json": (build(good, "{modules"), "CONFIG_INVALID"),
@@ -248,7 +325,46 @@ def invalid_vectors() -> dict[str, tuple[bytes, str]]:
         "modules_to_save_without_tensor": (build(good, config({q: spec}, modules_to_save=["score"])),
                                            "TENSOR_MISSING"),
     }
+    cases.update(feature_invalid_vectors())
     return cases
+
+
+def feature_invalid_vectors() -> dict[str, tuple[bytes, str]]:
+    q = "model.layers.0.self_attn.q_proj"
+    dora = module(2, 4, 4, 3, dora=True)
+    tensors = pair(q, dora, "F32", 71)
+    declared = {"format": "pt", "lora_hub.format_version": "2", "lora_hub.config": canonical(config({q: dora}))}
+    magnitude = f"{PREFIX}{q}.lora_magnitude_vector"
+    plain = module(2, 4, 4, 3)
+    bias = module(2, 4, 4, 3, bias=True)
+    experts = "model.layers.0.mlp.experts.down_proj"
+    expert_spec = module(2, 4, 3, 4, kind="experts", experts=3)
+    expert_tensors = pair(experts, expert_spec, "F32", 81)
+    emb = "model.embed_tokens"
+    return {
+        "feature_unknown": (build(tensors, None, metadata={**declared, "lora_hub.features": "dora,telepathy"}),
+                            "FEATURE_UNKNOWN"),
+        "feature_undeclared": (build(tensors, None, metadata={**declared, "lora_hub.features": "lora_bias"}),
+                               "METADATA_INVALID"),
+        "features_in_version_1": (build(pair(q, plain, "F32", 1), None, metadata={
+            "format": "pt", "lora_hub.format_version": "1", "lora_hub.config": canonical(config({q: plain})),
+            "lora_hub.features": "dora"}), "METADATA_INVALID"),
+        "dora_magnitude_missing": (build({n: t for n, t in tensors.items() if n != magnitude}, config({q: dora})),
+                                   "TENSOR_MISSING"),
+        "lora_bias_wrong_shape": (build({**pair(q, bias, "F32", 73),
+                                         f"{PREFIX}{q}.lora_B.bias": tensor("F32", [4], 1)}, config({q: bias})),
+                                  "SHAPE_MISMATCH"),
+        "experts_rank_times_experts": (build({**expert_tensors, f"{PREFIX}{experts}.lora_A.weight":
+                                              tensor("F32", [2, 3], 1)}, config({experts: expert_spec})),
+                                       "RANK_MISMATCH"),
+        "config_dora_on_embedding": (build(tensors, config({q: module(2, 4, 4, 3, kind="embedding", dora=True)})),
+                                     "CONFIG_INVALID"),
+        "trainable_tokens_rows_mismatch": (build({**pair(q, plain, "F32", 1),
+                                                  f"{PREFIX}{emb}.token_adapter.trainable_tokens_delta":
+                                                  tensor("F32", [3, 4], 5)},
+                                                 config({q: plain}, trainable_tokens={emb: [1, 2]})),
+                                           "SHAPE_MISMATCH"),
+    }
 
 
 def large_invalid_vectors() -> dict[str, tuple[bytes, str]]:
@@ -261,7 +377,7 @@ def large_invalid_vectors() -> dict[str, tuple[bytes, str]]:
 
 
 def main(out_dir: Path, *, large: bool = False) -> None:
-    manifest = {"format_version": 1, "valid": {}, "invalid": {}}
+    manifest = {"format_version": 2, "valid": {}, "invalid": {}}
     for folder in ("valid", "invalid"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     if large:
