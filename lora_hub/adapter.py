@@ -585,7 +585,7 @@ def tensor_index(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tu
     """name -> (safetensors dtype name, shape) of every tensor, from the file's header for tensors still in their
     file (nothing is read)."""
     layout = getattr(tensors, "layout", None)
-    if layout is not None:
+    if layout is not None:  # a header's TensorInfo records
         return {name: (info.dtype, info.shape) for name, info in layout.items()}
     from .tensors import dtype_name
 
@@ -619,6 +619,8 @@ class Adapter:
         self.checksum_mismatch: str | None = None
         """The tensors_sha256 its file records and its bytes failed, when it was read anyway (force=True): whatever
         is written from this adapter keeps that checksum, so the corruption stays detectable."""
+        self.peft_init: str | None = None
+        """A PEFT base-modifying init (pissa, olora, ...) its factors were trained with, before conversion."""
 
     @property
     def modules(self) -> Mapping[str, ModuleSpec]:

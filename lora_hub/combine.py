@@ -336,7 +336,7 @@ def _factors(adapter: Adapter, module: str, device) -> tuple[torch.Tensor, torch
     """A module's A, B (float32 or wider, on `device`) and spec, with enable_lora expanded to the plain form."""
     import torch
 
-    from .convert.peft import expand_enable_lora
+    from .convert.peft_export import expand_enable_lora
 
     spec = adapter.modules[module]
     if spec.enable_lora is not None:

@@ -262,9 +262,19 @@ class PeftConfigError(ConversionError):
 
 
 class UnsupportedFeatureError(ConversionError):
-    """The adapter uses a feature outside lora-hub v1 (DoRA, embedding or convolution LoRA, trained biases, ...)."""
+    """The adapter uses a feature lora-hub does not carry. `code` names the feature (FEATURE_ALORA, FEATURE_CONV,
+    ...; see convert/features.py), or is FEATURE_UNSUPPORTED for a kind of adapter that is not LoRA at all.
+
+    Args:
+        code: The feature's code, when there is one.
+    """
 
     code = "FEATURE_UNSUPPORTED"
+
+    def __init__(self, message: str, *, code: str | None = None, **where: Any) -> None:
+        if code is not None:
+            self.code = code
+        super().__init__(message, **where)
 
 
 class PatternUnsupportedError(ConversionError):
@@ -436,6 +446,12 @@ class ChecksumMismatchWarning(LoraHubWarning):
     """A file whose bytes do not match its recorded checksum was read because the caller forced it."""
 
     code = "CHECKSUM_MISMATCH_FORCED"
+
+
+class PeftKeyIgnoredWarning(LoraHubWarning):
+    """adapter_config.json has keys lora-hub does not know; they were ignored, as PeftModel ignores them."""
+
+    code = "PEFT_KEY_IGNORED"
 
 
 class UntargetedModulesWarning(LoraHubWarning):

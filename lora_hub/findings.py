@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .convert.features import REFUSALS
+
 
 class Severity(str, enum.Enum):
     ERROR = "error"
@@ -84,8 +86,8 @@ CATALOGUE: dict[str, Code] = {
                            "Put adapter_config.json next to the weights."),
     "PEFT_CONFIG_INVALID": Code(ERR, "adapter_config.json is unreadable or contradicts the tensors.",
                                 "Fix adapter_config.json (r, lora_alpha, patterns)."),
-    "FEATURE_UNSUPPORTED": Code(ERR, "A feature outside format v1: DoRA, embedding or conv LoRA, trained biases, "
-                                   "a PEFT method other than LoRA.", "Use PEFT for this adapter."),
+    "FEATURE_UNSUPPORTED": Code(ERR, "Not a LoRA adapter: another PEFT method (prefix tuning, IA3, ...).",
+                                "Use PEFT for this adapter."),
     "PATTERN_UNSUPPORTED": Code(ERR, "A regular expression in adapter_config.json (target_modules, rank_pattern, "
                                      "alpha_pattern) uses a construct without a linear-time match, such as a "
                                      "backreference or a lookaround; it was not run.",
@@ -135,6 +137,9 @@ CATALOGUE: dict[str, Code] = {
     "CHECKSUM_MISMATCH_FORCED": Code(WARN, "A file whose bytes fail its recorded checksum was read because the "
                                           "caller forced it; what is written from it keeps that checksum.",
                                      "Re-download or re-export the file."),
+    "PEFT_KEY_IGNORED": Code(WARN, "adapter_config.json has keys lora-hub does not know (and that do not look like "
+                                  "LoRA variant switches); they were ignored, as PeftModel ignores them.",
+                             "Check that the keys are meant; remove them."),
     "UNTARGETED_MODULES": Code(WARN, "Modules have LoRA tensors that adapter_config.json's target_modules does not "
                                   "match; PEFT would ignore them, lora-hub keeps them.",
                                "Fix target_modules, or drop those tensors."),
@@ -209,6 +214,11 @@ CATALOGUE: dict[str, Code] = {
     "LORA_HUB_BASE_UNDECLARED": Code(WARN, "Strict v1 expects the base model and its fingerprint.",
                                      "Convert with --base."),
 }
+
+
+CATALOGUE.update({refusal.code: Code(ERR, f"{refusal.feature[0].upper()}{refusal.feature[1:]}: lora-hub does not "
+                                          f"carry it, because {refusal.why}.", refusal.fix)
+                  for refusal in REFUSALS.values()})
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,39 @@ class FileTensors(Mapping[str, "torch.Tensor"]):
                                          "read", path=self._path)
 
 
+class RenamedTensors(Mapping[str, "torch.Tensor"]):
+    """Some tensors of another mapping under names of their own (PEFT's nested expert names as parameter paths):
+    read through it on access, described from its header."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> None:
+        self._tensors = tensors
+        self._names = dict(names)  # new name -> name in `tensors`
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[self._names[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = getattr(self._tensors, "shapes", None)
+        if shapes is None:
+            return {new: tuple(self._tensors[old].shape) for new, old in self._names.items()}
+        return {new: shapes[old] for new, old in self._names.items()}
+
+    @property
+    def layout(self) -> Mapping[str, TensorInfo] | None:
+        layout = getattr(self._tensors, "layout", None)
+        return None if layout is None else {new: layout[old] for new, old in self._names.items()}
+
+
 _IOV_MAX = 1024  # the POSIX minimum of IOV_MAX on Linux: buffers per vectored read
 _HASH_CHUNK = 4 * 1024 * 1024
 _STRAIGHT_READS = sys.byteorder == "little"

@@ -15,11 +15,11 @@ from .layouts import Detected as Detected
 from .layouts import Layout as Layout
 from .layouts import detect_layout as detect_layout
 from .loralib import from_loralib as from_loralib
-from .peft import expand_enable_lora as expand_enable_lora
 from .peft import from_peft as from_peft
-from .peft import peft_config as peft_config
 from .peft import read_peft
-from .peft import to_peft as to_peft
+from .peft_export import expand_enable_lora as expand_enable_lora
+from .peft_export import peft_config as peft_config
+from .peft_export import to_peft as to_peft
 
 if TYPE_CHECKING:
     from ..basemodel import BaseSource

@@ -9,16 +9,11 @@ dtype and bytes, and enable_lora modules become the exactly equivalent plain mod
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import warnings
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import constants as C
 from ..adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
@@ -29,11 +24,14 @@ from ..errors import (
     MissingTensorError,
     ModuleConflictError,
     PeftConfigError,
+    PeftKeyIgnoredWarning,
     RankMismatchError,
     UnsupportedFeatureError,
     UntargetedModulesWarning,
 )
 from ..patterns import KeyPatterns, PatternBudget, fullmatch
+from ..tensors import RenamedTensors
+from .features import REFUSALS, inspect_config
 from .layouts import Detected, detect_layout
 from .loralib import module_spec
 from .weights import load_weights
@@ -92,65 +90,129 @@ def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool
 
 
 def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Adapter:
-    """Builds an Adapter from a PEFT LoRA config dict and its state dict (keys `base_model.model.*`). Tensors still
-    in their file are not read: PEFT's names are the format's, so the file's tensors become the adapter's."""
+    """Builds an Adapter from a PEFT LoRA config dict and its state dict (keys `base_model.model.*`), every feature
+    read for what it is (see convert/features.py). Tensors still in their file are not read: PEFT's names are the
+    format's, so the file's tensors become the adapter's (expert tensors, which PEFT names by nesting depth, under
+    their parameter's path).
+
+    Raises:
+        UnsupportedFeatureError: A feature lora-hub does not carry, with its own code; or a base-modifying init
+            (PiSSA, OLoRA, ...), which `read_peft` converts given the base model or the initial adapter.
+        PeftConfigError, MissingTensorError, ModuleConflictError: The config and the tensors disagree.
+    """
+    inspection = inspect_config(config)
+    if inspection.refusal is not None:
+        refusal, detail = inspection.refusal
+        raise UnsupportedFeatureError(f"{refusal.feature} ({detail}): lora-hub does not carry it, because "
+                                      f"{refusal.why}. {refusal.fix}", code=refusal.code)
+    if inspection.ignored:
+        warnings.warn(PeftKeyIgnoredWarning(
+            f"adapter_config.json sets {', '.join(inspection.ignored[:5])}, which lora-hub does not know; ignored, as "
+            "PeftModel ignores keys its LoraConfig does not have"), stacklevel=3)
     r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
     if not isinstance(r0, int) or isinstance(r0, bool) or not isinstance(alpha0, (int, float)):
         raise PeftConfigError(f"r must be an integer and lora_alpha a number, got r={r0!r}, lora_alpha={alpha0!r}")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    enable_lora = config.get("enable_lora")
     shapes = _shapes(tensors)
-    pairs, others = _split_tensors(shapes, config)
-    specs: dict[str, ModuleSpec] = {}
-    rewritten: dict[str, torch.Tensor] = {}
-    untargeted = []
+    parts = _split_tensors(shapes, config)
     budget = PatternBudget()
-    ranks = KeyPatterns(rank_pattern, what="rank_pattern", budget=budget)
-    alphas = KeyPatterns(alpha_pattern, what="alpha_pattern", budget=budget)
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
-            raise MissingTensorError(f"module '{module}' has lora_{''.join(pair)} but not both lora_A and lora_B",
-                                     module=module)
-        a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
-        if len(b_shape) == 3 and enable_lora is not None:
-            b = _merged_linear_b(module, tensors[pair["B"]], enable_lora)
-            rewritten[pair["B"]], b_shape = b, tuple(b.shape)
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise UnsupportedFeatureError(f"module '{module}' has lora_A {list(a_shape)} and lora_B {list(b_shape)}: "
-                                          "convolution LoRA is not part of lora-hub format v1", module=module)
-        try:
-            specs[module] = module_spec(
-                module, a_shape, b_shape,
-                r=ranks.value(module, r0),
-                alpha=alphas.value(module, alpha0),
-                enable_lora=enable_lora, out_features=None,
-                fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-                rslora=bool(config.get("use_rslora", False)),
-            )
-        except RankMismatchError as e:
-            raise PeftConfigError(f"adapter_config.json contradicts the tensors: {e.message}", module=module) from e
-        if not _targeted(config.get("target_modules"), module, budget):
+    ranks = KeyPatterns(config.get("rank_pattern") or {}, what="rank_pattern", budget=budget)
+    alphas = KeyPatterns(config.get("alpha_pattern") or {}, what="alpha_pattern", budget=budget)
+    experts = _expert_parameters(parts.modules, config, shapes, ranks, r0)
+    renamed: dict[str, str] = {}
+    rewritten: dict[str, torch.Tensor] = {}
+    specs: dict[str, ModuleSpec] = {}
+    untargeted = []
+    for module, found in sorted(parts.modules.items()):
+        path = experts.get(module, (module, None))[0]
+        spec, names = _module(path, found, config, shapes, tensors, ranks.value(path, r0),
+                              alphas.value(path, alpha0), experts.get(module, (None, None))[1], rewritten)
+        specs[path] = spec
+        for role, name in names.items():
+            renamed[getattr(spec.tensor_names(path), role)] = name
+        if module not in experts and not _targeted(config.get("target_modules"), module, budget):
             untargeted.append(module)
     if untargeted:
         warnings.warn(UntargetedModulesWarning(
             f"target_modules in adapter_config.json does not match {len(untargeted)} module(s) that have LoRA tensors "
             f"(first: '{untargeted[0]}'); PEFT would ignore them, lora-hub keeps them"), stacklevel=3)
     listed = set(config.get("modules_to_save") or ()) | set(TASK_MODULES_TO_SAVE.get(config.get("task_type"), ()))
-    to_save = {_owner(path, listed): None for path in others}
+    to_save = {_owner(path, listed): None for path in parts.others}
     for owner in to_save:
         clash = next((m for m in specs if m == owner or m.startswith(owner + ".") or owner.startswith(m + ".")), None)
         if clash:
             raise ModuleConflictError(f"'{owner}' has both LoRA tensors and saved weights ({clash})", module=owner)
+    renamed.update({C.TENSOR_PREFIX + path: name for path, name in parts.others.items()})
+    tokens = _trainable_tokens(parts.tokens, config, shapes)
+    renamed.update({f"{C.TENSOR_PREFIX}{module}.token_adapter.trainable_tokens_delta": name
+                    for module, name in parts.tokens.items()})
     base = BaseModelRef(name=config.get("base_model_name_or_path") or None, revision=config.get("revision") or None)
     try:
         adapter_config = AdapterConfig(modules=specs, modules_to_save=tuple(to_save), base_model=base,
-                                       task_type=config.get("task_type") or None)
+                                       task_type=config.get("task_type") or None, trainable_tokens=tokens)
     except ConfigError as e:
         raise PeftConfigError(f"adapter_config.json describes an adapter outside the format's rules: {e.message}",
                               module=e.module, tensor=e.tensor) from e
     if rewritten:
-        tensors = {**{name: tensors[name] for name in tensors if name not in rewritten}, **rewritten}
-    return Adapter(adapter_config, tensors)
+        tensors = {new: rewritten.get(old, tensors[old]) for new, old in renamed.items()}
+    elif any(new != old for new, old in renamed.items()):
+        tensors = RenamedTensors(tensors, renamed)
+    adapter = Adapter(adapter_config, tensors)
+    if inspection.init is not None:
+        adapter.peft_init = inspection.init
+    return adapter
+
+
+def _module(path: str, found: Mapping[str, str], config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+            tensors: Mapping[str, torch.Tensor], r: Any, alpha: Any, experts: int | None,
+            rewritten: dict[str, torch.Tensor]) -> tuple[ModuleSpec, dict[str, str]]:
+    """One module's spec, and its tensors by role (ModuleTensors field -> name in the file)."""
+    embedding = "EA" in found or "EB" in found
+    a_key, b_key = ("EA", "EB") if embedding else ("A", "B")
+    if a_key not in found or b_key not in found or (embedding and ("A" in found or "B" in found)):
+        have = ", ".join(sorted(_ROLE_NAMES[k] for k in found))
+        raise MissingTensorError(f"module '{path}' has {have} but not both lora_A and lora_B (or both "
+                                 "lora_embedding_A and lora_embedding_B)", module=path)
+    a_shape, b_shape = shapes[found[a_key]], shapes[found[b_key]]
+    enable_lora = config.get("enable_lora")
+    if len(b_shape) == 3 and enable_lora is not None:
+        b = _merged_linear_b(path, tensors[found[b_key]], enable_lora)
+        rewritten[found[b_key]], b_shape = b, tuple(b.shape)
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        refusal = REFUSALS["conv"]
+        raise UnsupportedFeatureError(f"module '{path}' has lora_A {list(a_shape)} and lora_B {list(b_shape)}: "
+                                      f"{refusal.feature}; lora-hub does not carry it, because {refusal.why}. "
+                                      f"{refusal.fix}", code=refusal.code, module=path)
+    dora = "M" in found
+    if dora and embedding:
+        refusal = REFUSALS["dora_non_linear"]
+        raise UnsupportedFeatureError(f"module '{path}' is an embedding with a DoRA magnitude: {refusal.feature}; "
+                                      f"lora-hub does not carry it, because {refusal.why}. {refusal.fix}",
+                                      code=refusal.code, module=path)
+    rslora = bool(config.get("use_rslora", False))
+    try:
+        if experts is not None:
+            spec = _expert_spec(path, a_shape, b_shape, r, alpha, experts, rslora)
+        else:
+            spec = module_spec(path, a_shape, b_shape, r=r, alpha=alpha, enable_lora=enable_lora, out_features=None,
+                               fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and not embedding,
+                               rslora=rslora)
+    except RankMismatchError as e:
+        raise PeftConfigError(f"adapter_config.json contradicts the tensors: {e.message}", module=path) from e
+    spec = replace(spec, kind="embedding" if embedding else spec.kind, bias="bias" in found, dora=dora,
+                   replaces_base="base" in found)
+    roles = {"lora_A": found[a_key], "lora_B": found[b_key]}
+    roles.update({role: found[key] for key, role in (("bias", "bias"), ("M", "magnitude"), ("base", "base"))
+                  if key in found})
+    return spec, roles
+
+
+def _expert_spec(path: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: Any, alpha: Any, experts: int,
+                 rslora: bool) -> ModuleSpec:
+    if a_shape[0] != r * experts or b_shape[1] != r * experts:
+        raise RankMismatchError(f"module '{path}': lora_A {list(a_shape)} and lora_B {list(b_shape)} are not rank "
+                                f"r={r} times {experts} experts")
+    return ModuleSpec(r=r, alpha=alpha, in_features=a_shape[1], out_features=b_shape[0], rslora=rslora,
+                      kind="experts", experts=experts)
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, tuple[int, ...]]:
@@ -158,123 +220,134 @@ def _shapes(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, tuple[int, ...]
     return shapes if shapes is not None else {name: tuple(t.shape) for name, t in tensors.items()}
 
 
-def to_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
-    """Writes `adapter` as a PEFT folder: adapter_model.safetensors (a lora-hub file, which PEFT reads as its own)
-    and adapter_config.json. enable_lora modules are written in their exactly equivalent plain form. The folder is
-    written all or nothing: an existing one keeps its old pair (and its other files) until the new pair replaces it
-    in one step, so weights and config never come from different writes.
-
-    Returns:
-        The folder.
-    """
-    from ..atomicfile import atomic_folder
-    from ..format import save_adapter
-
-    directory = Path(directory)
-    plain = expand_enable_lora(adapter)
-    text = json.dumps(peft_config(plain.config), indent=2, sort_keys=True) + "\n"
-    with atomic_folder(directory) as staging:
-        save_adapter(plain, staging / "adapter_model.safetensors")
-        (staging / "adapter_config.json").write_text(text, encoding="utf-8")
-    return directory
+_ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "EA": "lora_embedding_A", "EB": "lora_embedding_B", "bias": "lora_B.bias",
+               "M": "lora_magnitude_vector", "base": "base_layer.weight"}
+_SUFFIXES = ((C.LORA_A_SUFFIX, "A"), (C.LORA_B_SUFFIX, "B"), (".lora_B.bias", "bias"),
+             (".lora_embedding_A", "EA"), (".lora_embedding_B", "EB"), (".lora_magnitude_vector", "M"),
+             (".lora_magnitude_vector.weight", "M"))
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
-def expand_enable_lora(adapter: Adapter) -> Adapter:
-    """The adapter with every enable_lora module rewritten as a plain module of rank r*k: lora_A unchanged, lora_B
-    block-diagonal over the enabled slices, alpha scaled so that the scaling is unchanged. The delta is the same."""
-    merged = {m: s for m, s in adapter.modules.items() if s.enable_lora is not None}
-    if not merged:
-        return adapter
-    from ..format import verify_checksum
-
-    verify_checksum(adapter)  # the rewritten tensors no longer tell their file: check the bytes now
-    modules, tensors = dict(adapter.modules), dict(adapter.tensors)
-    for module, spec in merged.items():
-        b = adapter.lora_B(module)
-        k, n, r = spec.groups, spec.slice_features, spec.r
-        wide = b.new_zeros(len(spec.enable_lora), n, k, r)
-        enabled = [i for i, flag in enumerate(spec.enable_lora) if flag]
-        for g, s in enumerate(enabled):
-            wide[s, :, g, :] = b[g * n:(g + 1) * n]
-        tensors[adapter.config.lora_tensor_names(module)[1]] = wide.reshape(spec.out_features, k * r)
-        alpha = spec.alpha * (math.sqrt(k) if spec.rslora else k)
-        modules[module] = ModuleSpec(r=r * k, alpha=alpha, in_features=spec.in_features,
-                                     out_features=spec.out_features, rslora=spec.rslora,
-                                     fan_in_fan_out=spec.fan_in_fan_out)
-    return adapter.derived(replace(adapter.config, modules=modules), tensors)
+class _Parts(NamedTuple):
+    modules: dict[str, dict[str, str]]
+    """PEFT module path -> role ("A", "B", "EA", "EB", "bias", "M", "base") -> tensor name."""
+    others: dict[str, str]
+    """Path -> tensor name, for the tensors of saved modules."""
+    tokens: dict[str, str]
+    """Embedding module path -> the tensor name of its trainable-token rows."""
 
 
-def peft_config(config: AdapterConfig) -> dict[str, Any]:
-    """PEFT's adapter_config.json for a config without enable_lora modules: the most common (r, alpha) as defaults,
-    the rest as rank_pattern / alpha_pattern keyed by module paths that match exactly one module."""
-    specs = config.modules
-    if any(s.enable_lora is not None for s in specs.values()):
-        raise ValueError("expand enable_lora modules first (expand_enable_lora)")
-    use_rslora = 2 * sum(s.rslora for s in specs.values()) > len(specs)
-    alphas = {m: _alpha_under(s, use_rslora) for m, s in specs.items()}
-    counts = Counter((s.r, alphas[m]) for m, s in specs.items())
-    r0, alpha0 = min(counts, key=lambda pair: (-counts[pair], pair))
-    keys, collide = _exact_keys(specs)
-    targets: list[str] | str = sorted(specs)
-    if collide:
-        targets = "(" + "|".join(re.escape(m) for m in sorted(specs)) + ")"
-    base = config.base_model or BaseModelRef()
-    return {
-        "peft_type": "LORA",
-        "task_type": config.task_type,
-        "base_model_name_or_path": base.name,
-        "revision": base.revision,
-        "r": r0,
-        "lora_alpha": alpha0,
-        "rank_pattern": {keys[m]: s.r for m, s in specs.items() if s.r != r0},
-        "alpha_pattern": {keys[m]: alphas[m] for m in specs if alphas[m] != alpha0},
-        "target_modules": targets,
-        "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": any(s.fan_in_fan_out for s in specs.values()),
-        "use_rslora": use_rslora,
-        "use_dora": False,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-
-
-def _split_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]):
-    """Tensor names by module: module -> {"A": name, "B": name} for LoRA pairs, and module path -> name for the
-    tensors of saved modules."""
-    pairs: dict[str, dict[str, str]] = {}
+def _split_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> _Parts:
+    """Sorts a PEFT state dict's tensors by what they are (see `_Parts`)."""
+    modules: dict[str, dict[str, str]] = {}
     others: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    base_weights: dict[str, str] = {}
     for name in shapes:
         if not name.startswith(C.TENSOR_PREFIX):
             raise PeftConfigError(f"tensor {name} does not start with '{C.TENSOR_PREFIX}': not a PEFT state dict",
                                   tensor=name)
         path = name[len(C.TENSOR_PREFIX):]
-        if path.endswith(C.LORA_A_SUFFIX):
-            pairs.setdefault(path[:-len(C.LORA_A_SUFFIX)], {})["A"] = name
-        elif path.endswith(C.LORA_B_SUFFIX):
-            pairs.setdefault(path[:-len(C.LORA_B_SUFFIX)], {})["B"] = name
-        elif "lora_magnitude_vector" in path:
-            raise UnsupportedFeatureError(f"{name} is a DoRA magnitude vector: DoRA is not part of lora-hub format v1",
-                                          tensor=name)
-        elif "lora_embedding_" in path:
-            raise UnsupportedFeatureError(f"{name}: LoRA on embedding layers is not part of lora-hub format v1",
-                                          tensor=name)
+        role = next(((path[:-len(suffix)], key) for suffix, key in _SUFFIXES if path.endswith(suffix)), None)
+        if role is not None:
+            module, key = role
+            if key in modules.setdefault(module, {}):
+                raise PeftConfigError(f"module '{module}' has two {_ROLE_NAMES[key]} tensors", tensor=name)
+            modules[module][key] = name
+        elif path.endswith(_TOKENS_SUFFIX):
+            tokens[path[:-len(_TOKENS_SUFFIX)]] = name
+        elif path.endswith(".base_layer.weight") and ".lora_" not in path:
+            base_weights[path[:-len(".base_layer.weight")]] = name
         elif any(segment in f".{path}." for segment in _WRAPPER_SEGMENTS):
             raise ModuleConflictError(
                 f"{name} is PEFT wrapper state: the adapter was saved from a model where one module is both a LoRA "
                 "target and a module to save, which PEFT itself cannot load back; retrain without listing that "
                 "module in both target_modules and modules_to_save", tensor=name)
         elif ".lora_" in f".{path}":
-            raise UnsupportedFeatureError(f"{name} is a LoRA tensor lora-hub does not know", tensor=name)
-        elif path.endswith(".bias") and config.get("bias", "none") != "none":
-            raise UnsupportedFeatureError(f"{name}: trained biases (bias='{config.get('bias')}') are not part of "
-                                          "lora-hub format v1", tensor=name)
+            refusal = REFUSALS["unknown"]
+            raise UnsupportedFeatureError(f"{name} is a LoRA tensor of a kind lora-hub does not know ({refusal.why})"
+                                          f". {refusal.fix}", code=refusal.code, tensor=name)
         else:
             others[path] = name
-    return pairs, others
+    for module, name in base_weights.items():
+        if module not in modules:  # a base_layer weight beside no LoRA module: wrapper state, not an embedding
+            raise ModuleConflictError(f"{name} is PEFT wrapper state of a module without LoRA tensors; retrain "
+                                      "without listing that module in both target_modules and modules_to_save",
+                                      tensor=name)
+        modules[module]["base"] = name
+    return _Parts(modules, others, tokens)
+
+
+def _expert_parameters(modules: Mapping[str, Mapping[str, str]], config: Mapping[str, Any],
+                       shapes: Mapping[str, tuple[int, ...]], ranks: KeyPatterns,
+                       r0: Any) -> dict[str, tuple[str, int]]:
+    """PEFT module path -> (parameter path, number of experts) for the LoRA pairs that adapt parameters
+    (target_parameters). PEFT nests one wrapper per parameter of a module, the parameter registered last outermost:
+    `<module>.lora_A` is the last of the module's targeted parameters, `<module>.base_layer.lora_A` the one before,
+    and so on; the config lists them in the module's order."""
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise PeftConfigError(f"target_parameters must be a list of parameter names, got {targets!r:.80}")
+    out: dict[str, tuple[str, int]] = {}
+    if not targets:
+        return out
+    for module in modules:
+        depth = 0
+        owner = module
+        while owner.endswith(".base_layer"):
+            owner, depth = owner[:-len(".base_layer")], depth + 1
+        params = [t.rsplit(".", 1)[1] for t in targets
+                  if "." in t and (owner == t.rsplit(".", 1)[0] or owner.endswith("." + t.rsplit(".", 1)[0]))]
+        if not params:
+            if depth:
+                raise PeftConfigError(f"'{module}' nests LoRA wrappers, but target_parameters names no parameter of "
+                                      f"'{owner}'", module=module)
+            continue
+        if depth >= len(params):
+            raise PeftConfigError(f"'{module}' is nested {depth} deep, but target_parameters names only "
+                                  f"{len(params)} parameter(s) of '{owner}'", module=module)
+        path = f"{owner}.{params[len(params) - 1 - depth]}"
+        found = modules[module]
+        r = ranks.value(path, r0)
+        rows = shapes[found["A"]][0] if "A" in found and shapes[found["A"]] else 0
+        if not isinstance(r, int) or r < 1 or rows % r:
+            raise PeftConfigError(f"'{path}': lora_A has {rows} rows, not a multiple of r={r}", module=path)
+        if rows // r == 1:
+            refusal = REFUSALS["parameter_2d"]
+            raise UnsupportedFeatureError(f"'{path}' is {refusal.feature}: lora-hub does not carry it, because "
+                                          f"{refusal.why}. {refusal.fix}", code=refusal.code, module=path)
+        out[module] = (path, rows // r)
+    return out
+
+
+def _trainable_tokens(found: Mapping[str, str], config: Mapping[str, Any],
+                      shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """Embedding module path -> token indices, from trainable_token_indices (a list for the input embedding, or
+    {module name: list}) and the modules whose rows the file holds."""
+    indices = config.get("trainable_token_indices")
+    if not found:
+        if indices:
+            raise PeftConfigError("trainable_token_indices is set but the file holds no trainable_tokens_delta")
+        return {}
+    out = {}
+    for module, name in found.items():
+        if isinstance(indices, list):
+            chosen = indices
+        elif isinstance(indices, dict):
+            keys = [k for k in indices if module == k or module.endswith("." + k)]
+            if len(keys) != 1:
+                raise PeftConfigError(f"trainable_token_indices does not name '{module}' (keys: "
+                                      f"{', '.join(map(str, indices))})", module=module)
+            chosen = indices[keys[0]]
+        else:
+            raise PeftConfigError(f"the file holds {name} but trainable_token_indices is {indices!r:.80}",
+                                  tensor=name)
+        if not isinstance(chosen, list) or shapes[name][:1] != (len(chosen),):
+            raise PeftConfigError(f"{name} has shape {list(shapes[name])}, which does not fit the "
+                                  f"{len(chosen) if isinstance(chosen, list) else '?'} token indices of "
+                                  "trainable_token_indices", tensor=name)
+        out[module] = chosen
+    return out
 
 
 def _merged_linear_b(module: str, b: torch.Tensor, enable_lora: list[bool] | None) -> torch.Tensor:
@@ -313,20 +386,3 @@ def _owner(path: str, listed: set[str]) -> str:
     if len(parts) < 2:
         raise PeftConfigError(f"tensor {C.TENSOR_PREFIX}{path} belongs to no module")
     return ".".join(parts[:-1])
-
-
-def _alpha_under(spec: ModuleSpec, use_rslora: bool) -> int | float:
-    """The alpha that gives this module its scaling under PEFT's global use_rslora."""
-    if spec.rslora == use_rslora:
-        alpha = spec.alpha
-    else:
-        alpha = spec.alpha * math.sqrt(spec.r) if spec.rslora else spec.alpha / math.sqrt(spec.r)
-    return int(alpha) if float(alpha).is_integer() else float(alpha)
-
-
-def _exact_keys(modules: Mapping[str, ModuleSpec]) -> tuple[dict[str, str], bool]:
-    """Pattern keys that match exactly one module each under PEFT's `(.*\\.)?(key)$`: the escaped path, anchored
-    with ^ only when the path is also a dot-suffix of another module's path. Also says whether any path was."""
-    suffixes = {name[i + 1:] for name in modules for i, ch in enumerate(name) if ch == "."}
-    keys = {m: ("^" if m in suffixes else "") + re.escape(m) for m in modules}
-    return keys, bool(suffixes & set(modules))
