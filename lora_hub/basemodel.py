@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .adapter import AdapterConfig, BaseModelRef
+from .adapter import AdapterConfig, BaseModelRef, ModuleSpec
 from .errors import BaseModelError, BaseModelMismatchError, FanInFanOutCorrectedWarning
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     BaseSource = str | os.PathLike[str] | PretrainedConfig | nn.Module | "BaseModelInfo"
     """What `describe_base` accepts: a model folder, config.json, cached Hub id, config, model, or a description."""
 
-LayerKind = Literal["linear", "conv1d"]
+LayerKind = Literal["linear", "conv1d", "embedding", "experts"]
 
 # PEFT task types -> the transformers auto class whose module names PEFT adapters of that task use.
 TASK_AUTO_CLASSES = {
@@ -44,22 +44,35 @@ class LayerInfo:
 
     Attributes:
         kind: "linear" for nn.Linear and its quantized subclasses; "conv1d" for transformers' Conv1D (GPT-2), whose
-            weight is stored (in, out).
+            weight is stored (in, out); "embedding" for nn.Embedding (in: the vocabulary, out: the width);
+            "experts" for a 3-D expert parameter (its path is the parameter's).
         quantization: "int8" or "4bit" for bitsandbytes layers, None otherwise.
+        experts: The number of experts, for kind "experts".
+        transposed: For kind "experts": the parameter is stored (experts, in, out) (the module's is_transposed).
     """
 
     kind: LayerKind
     in_features: int
     out_features: int
     quantization: str | None = None
+    experts: int | None = None
+    transposed: bool = False
 
     @property
     def fan_in_fan_out(self) -> bool:
-        return self.kind == "conv1d"
+        """The weight is stored (in, out) (Conv1D, and transposed experts); embeddings have their own layout."""
+        return self.kind == "conv1d" or self.transposed
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
-        return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
+    def module_kind(self) -> str:
+        """The format's kind of module for this layer (ModuleSpec.kind)."""
+        return {"conv1d": "linear"}.get(self.kind, self.kind)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        transposed = self.fan_in_fan_out or self.kind == "embedding"
+        shape = (self.in_features, self.out_features) if transposed else (self.out_features, self.in_features)
+        return (self.experts, *shape) if self.kind == "experts" else shape
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,13 @@ class BaseModelInfo:
     modules: frozenset[str] = frozenset()
     """Every module path, adaptable or not."""
     parameters: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    """Every parameter and buffer by path, with its shape (what replacement tensors must match)."""
+    """Every parameter and buffer by path, with its shape (what replacement tensors must match), in the order the
+    model registers them."""
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+    """Modules that PEFT can adapt but the format cannot carry, by path: "conv" or "mha" (convert/features.py)."""
+    tied: Mapping[str, str] = field(default_factory=dict)
+    """Layers whose weight is another layer's (an output projection tied to the input embedding): path -> the path
+    of the layer that owns the weight."""
 
     def fingerprint(self, modules: Iterable[str]) -> str:
         """The fingerprint of the given layers of this model (FORMAT.md, "Base model fingerprint").
@@ -97,23 +116,37 @@ def fit_to_base(config: AdapterConfig, base: BaseModelInfo) -> AdapterConfig:
     recorded.
 
     Raises:
-        BaseModelMismatchError: A module is not an adaptable layer of the base, or its features differ.
+        BaseModelMismatchError: A module is not an adaptable layer of the base, or its kind or features differ.
+        UnsupportedFeatureError: A module is a layer the format cannot carry (a convolution, MultiheadAttention).
     """
+    from .convert.features import REFUSALS
+    from .errors import UnsupportedFeatureError
+
+    for name in config.modules:
+        if name in base.unsupported:
+            refusal = REFUSALS[base.unsupported[name]]
+            raise UnsupportedFeatureError(f"module '{name}' is {refusal.feature}: lora-hub does not carry it, because "
+                                          f"{refusal.why}. {refusal.fix}", code=refusal.code, module=name)
     missing = [m for m in config.modules if m not in base.layers]
     if missing:
         raise BaseModelMismatchError(
-            f"{len(missing)} of {len(config.modules)} adapter modules are not linear layers of the base model "
+            f"{len(missing)} of {len(config.modules)} adapter modules are not adaptable layers of the base model "
             f"{base.name or ''} (first: '{missing[0]}'); check that this is the adapter's base model and task type")
     modules, corrected = {}, []
     for name, spec in config.modules.items():
         layer = base.layers[name]
-        if (spec.in_features, spec.out_features) != (layer.in_features, layer.out_features):
-            raise BaseModelMismatchError(
-                f"module '{name}': the adapter has in={spec.in_features}, out={spec.out_features} but the base layer "
-                f"has in={layer.in_features}, out={layer.out_features}; this adapter was made for another model")
-        if spec.fan_in_fan_out != layer.fan_in_fan_out:
+        problem = layer_mismatch(spec, layer)
+        if problem:
+            raise BaseModelMismatchError(f"module '{name}': {problem}; this adapter was made for another model",
+                                         module=name)
+        flag = layer.fan_in_fan_out if spec.kind != "embedding" else False
+        if spec.fan_in_fan_out != flag:
             corrected.append(name)
-        modules[name] = replace(spec, fan_in_fan_out=layer.fan_in_fan_out)
+        modules[name] = replace(spec, fan_in_fan_out=flag)
+    for name in config.trainable_tokens:
+        problem = tokens_mismatch(name, config.trainable_tokens[name], base)
+        if problem:
+            raise BaseModelMismatchError(f"trainable tokens of '{name}': {problem}", module=name)
     if corrected:
         kind = "a Conv1D" if base.layers[corrected[0]].fan_in_fan_out else "an nn.Linear"
         warnings.warn(FanInFanOutCorrectedWarning(
@@ -123,6 +156,33 @@ def fit_to_base(config: AdapterConfig, base: BaseModelInfo) -> AdapterConfig:
     ref = BaseModelRef(name=known.name or base.name, revision=known.revision or base.revision,
                        model_type=base.model_type, fingerprint=base.fingerprint(modules))
     return replace(config, modules=modules, base_model=ref)
+
+
+def layer_mismatch(spec: ModuleSpec, layer: LayerInfo) -> str | None:
+    """What keeps a module from applying to a base layer, or None. An adapter that brings its own base weight
+    (replaces_base) may have another vocabulary size: only the other dimension must match."""
+    if spec.kind != layer.module_kind:
+        return f"the adapter has a module of kind {spec.kind}, the base layer is {layer.kind}"
+    if spec.kind == "experts" and spec.experts != layer.experts:
+        return f"the adapter has {spec.experts} experts, the base parameter {layer.experts}"
+    if (spec.in_features, spec.out_features) == (layer.in_features, layer.out_features):
+        return None
+    if spec.replaces_base and spec.kind == "embedding" and spec.out_features == layer.out_features:
+        return None  # a resized vocabulary, which the adapter brings in its own embedding matrix
+    if spec.replaces_base and spec.kind == "linear" and spec.in_features == layer.in_features:
+        return None  # an output projection over a resized vocabulary
+    return (f"the adapter has in={spec.in_features}, out={spec.out_features}; the base layer has "
+            f"in={layer.in_features}, out={layer.out_features}")
+
+
+def tokens_mismatch(module: str, indices: tuple[int, ...], base: BaseModelInfo) -> str | None:
+    """What keeps trainable tokens from applying to a base layer, or None."""
+    layer = base.layers.get(module)
+    if layer is None or layer.kind != "embedding":
+        return "the base model has no embedding layer at that path"
+    if max(indices) >= layer.in_features:
+        return f"token {max(indices)} is outside the vocabulary of {layer.in_features}"
+    return None
 
 
 def describe_base(source: BaseSource, *, task_type: str | None = None) -> BaseModelInfo:
@@ -204,6 +264,7 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
     from transformers.pytorch_utils import Conv1D
 
     layers: dict[str, LayerInfo] = {}
+    unsupported: dict[str, str] = {}
     modules = []
     for path, module in model.named_modules():
         modules.append(path)
@@ -212,6 +273,19 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
         elif isinstance(module, Conv1D):
             rows, cols = module.weight.shape
             layers[path] = LayerInfo("conv1d", int(rows), int(cols))
+        elif isinstance(module, nn.Embedding):
+            layers[path] = LayerInfo("embedding", module.num_embeddings, module.embedding_dim)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            unsupported[path] = "conv"
+        elif isinstance(module, nn.MultiheadAttention):
+            unsupported[path] = "mha"
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.ndim == 3:  # expert parameters, which PEFT adapts with target_parameters
+                experts, first, second = (int(d) for d in param.shape)
+                transposed = bool(getattr(module, "is_transposed", False))
+                in_f, out_f = (first, second) if transposed else (second, first)
+                key = f"{path}.{param_name}" if path else param_name
+                layers[key] = LayerInfo("experts", in_f, out_f, experts=experts, transposed=transposed)
     config = getattr(model, "config", None)
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return BaseModelInfo(
@@ -220,7 +294,27 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
         layers=layers,
         modules=frozenset(modules),
         parameters={path: tuple(tensor.shape) for path, tensor in tensors},
+        unsupported=unsupported,
+        tied=_tied_weights(model, layers),
     )
+
+
+def _tied_weights(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, str]:
+    """Layers that share their weight with a layer registered before them (lm_head with embed_tokens)."""
+    owners: dict[int, str] = {}
+    tied = {}
+    for path in layers:
+        if layers[path].kind == "experts":
+            continue
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if weight is None:
+            continue
+        key = id(weight)
+        if key in owners:
+            tied[path] = owners[key]
+        else:
+            owners[key] = path
+    return tied
 
 
 def _quantization(module: nn.Module) -> str | None:

@@ -166,9 +166,10 @@ CATALOGUE: dict[str, Code] = {
     # Base tier
     "NO_MODULE_MATCHES": Code(ERR, "No adapter module exists in the base model: applied, it would do nothing.",
                               "Use the right base model, or fix the module path prefix."),
-    "MODULE_NOT_IN_BASE": Code(ERR, "Adapter modules that are not linear layers of the base model.",
+    "MODULE_NOT_IN_BASE": Code(ERR, "Adapter modules that are not adaptable layers (linear, Conv1D, embedding, "
+                                    "expert parameter) of the base model.",
                                "Use the adapter's own base model and task type."),
-    "FEATURES_MISMATCH": Code(ERR, "A module's in/out features differ from the base layer's.",
+    "FEATURES_MISMATCH": Code(ERR, "A module's kind, in/out features or expert count differ from the base layer's.",
                               "The adapter is for another model size."),
     "FAN_IN_FAN_OUT_MISMATCH": Code(ERR, "The file's fan_in_fan_out contradicts the base layer kind (Conv1D stores "
                                        "(in, out), Linear (out, in)): merged, the delta would be transposed.",
@@ -178,6 +179,9 @@ CATALOGUE: dict[str, Code] = {
                                      "Convert with --base to record it correctly."),
     "ENABLE_LORA_MISMATCH": Code(ERR, "len(enable_lora) does not divide the base layer's output features.",
                                  "The adapter is for another model."),
+    "TOKENS_MISMATCH": Code(ERR, "Trainable tokens that do not fit the base model: no embedding at that path, a "
+                                 "token outside its vocabulary, or rows of another width.",
+                            "Use the adapter's own base model."),
     "REPLACEMENT_NOT_IN_BASE": Code(ERR, "A module to save, or one of its tensors, does not exist in the base model.",
                                     "Use the adapter's own base model and task type."),
     "REPLACEMENT_SHAPE_MISMATCH": Code(ERR, "A replacement tensor's shape differs from the base parameter's.",

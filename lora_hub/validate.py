@@ -118,31 +118,49 @@ def check_base(config: AdapterConfig, info: BaseModelInfo, tensor_shapes: Mappin
         from_lora_hub: The config comes from a lora-hub file (a wrong fan_in_fan_out is then an error in the file;
             for other layouts it is a config quirk that PEFT corrects, a warning).
     """
+    from .basemodel import layer_mismatch, tokens_mismatch
+    from .convert.features import REFUSALS
+
     out = _Findings([])
-    present = [m for m in config.modules if m in info.layers]
-    missing = [m for m in config.modules if m not in info.layers]
-    if not present:
-        out.add("NO_MODULE_MATCHES", f"none of the {len(missing)} modules is a linear layer of the base model "
+    for m in config.modules:
+        if m in info.unsupported:
+            refusal = REFUSALS[info.unsupported[m]]
+            out.add(refusal.code, f"'{m}' is {refusal.feature}, which lora-hub does not carry", module=m)
+    candidates = [m for m in config.modules if m not in info.unsupported]
+    present = [m for m in candidates if m in info.layers]
+    missing = [m for m in candidates if m not in info.layers]
+    if candidates and not present:
+        out.add("NO_MODULE_MATCHES", f"none of the {len(missing)} modules is an adaptable layer of the base model "
                                      f"(first: '{missing[0]}'){_prefix_hint(missing, info.layers)}")
     else:
-        out.add_each("MODULE_NOT_IN_BASE", missing, lambda m: f"'{m}' is not a linear layer of the base model")
+        out.add_each("MODULE_NOT_IN_BASE", missing, lambda m: f"'{m}' is not an adaptable layer of the base model")
     fits = []
     for m in present:
         spec, layer = config.modules[m], info.layers[m]
-        if (spec.in_features, spec.out_features) != (layer.in_features, layer.out_features):
-            out.add("FEATURES_MISMATCH", f"the adapter has in={spec.in_features}, out={spec.out_features}; the base "
-                                         f"layer has in={layer.in_features}, out={layer.out_features}", module=m)
+        problem = layer_mismatch(spec, layer)
+        if problem:
+            out.add("FEATURES_MISMATCH", problem, module=m)
         else:
             fits.append(m)
         if spec.enable_lora is not None and layer.out_features % len(spec.enable_lora):
             out.add("ENABLE_LORA_MISMATCH", f"{len(spec.enable_lora)} slices do not divide {layer.out_features} "
                                             "output features", module=m)
-    flipped = [m for m in present if config.modules[m].fan_in_fan_out != info.layers[m].fan_in_fan_out]
+    for m, indices in config.trainable_tokens.items():
+        problem = tokens_mismatch(m, indices, info)
+        if problem:
+            out.add("TOKENS_MISMATCH", problem, module=m)
+        elif m in info.layers and tensor_shapes.get(config.token_tensor_name(m), (0, 0))[-1] != \
+                info.layers[m].out_features:
+            out.add("TOKENS_MISMATCH", f"the rows have width {tensor_shapes[config.token_tensor_name(m)][-1]}, the "
+                                       f"embedding {info.layers[m].out_features}", module=m)
+    flipped = [m for m in present if config.modules[m].kind != "embedding"
+               and config.modules[m].fan_in_fan_out != info.layers[m].fan_in_fan_out]
     out.add_each("FAN_IN_FAN_OUT_MISMATCH" if from_lora_hub else "FAN_IN_FAN_OUT_IN_CONFIG", flipped, lambda m: (
         f"fan_in_fan_out is {str(config.modules[m].fan_in_fan_out).lower()} but '{m}' is "
         f"{'a Conv1D' if info.layers[m].fan_in_fan_out else 'an nn.Linear'}"))
     _check_replacements(out, config, info, tensor_shapes)
-    _check_declared_base(out, config, info, fits if len(fits) == len(config.modules) else None)
+    same_shape = [m for m in fits if info.layers[m].weight_shape == config.modules[m].delta_shape]
+    _check_declared_base(out, config, info, same_shape if len(same_shape) == len(config.modules) else None)
     kinds = sorted({info.layers[m].quantization for m in present if info.layers[m].quantization})
     if kinds:
         out.add("QUANTIZED_BASE", f"targeted layers are {', '.join(kinds)}")

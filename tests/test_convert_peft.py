@@ -143,11 +143,11 @@ def test_base_model_corrects_fan_in_fan_out_like_peft(tmp_path: Path, base_dirs)
 
 def test_wrong_base_is_refused(tmp_path: Path, base_dirs) -> None:
     source = random_peft_adapter(tiny_model("llama"), tmp_path / "peft")
-    with pytest.raises(lora_hub.BaseModelMismatchError, match="are not linear layers of the base"):
+    with pytest.raises(lora_hub.BaseModelMismatchError, match="are not adaptable layers of the base"):
         lora_hub.convert_adapter(source, base=base_dirs["opt"])
     wide = tmp_path / "wide"
     tiny_model("llama", hidden_size=128, intermediate_size=256).save_pretrained(wide)
-    with pytest.raises(lora_hub.BaseModelMismatchError, match="the adapter has in=.* but the base layer has in="):
+    with pytest.raises(lora_hub.BaseModelMismatchError, match="the adapter has in=.*; the base layer has in="):
         lora_hub.convert_adapter(source, base=wide)
 
 
