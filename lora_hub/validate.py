@@ -80,6 +80,8 @@ def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, 
         raise ValueError(f"profile must be one of {', '.join(PROFILES)} or None, got {profile!r}")
     report = ValidationReport(os.fspath(source), level, profile)
     run = _Validation(report, Path(source))
+    if base is not None:
+        convert_options = {"parameter_order_from": base, **convert_options}
     if run.guard(lambda: run.read(allow_pickle, convert_options)):
         if level == "full":
             run.guard(run.full_tier)

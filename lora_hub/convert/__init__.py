@@ -48,6 +48,7 @@ def convert_adapter(
     fan_in_fan_out: bool | None = None,
     verify: bool = True,
     force: bool = False,
+    parameter_order_from: BaseSource | None = None,
 ) -> Adapter:
     """Reads an adapter in any layout lora-hub knows into an Adapter.
 
@@ -61,6 +62,8 @@ def convert_adapter(
         verify: Check a lora-hub file's bytes against its recorded checksum now (one streamed read). Without it the
             check still happens before anything is written from the adapter (`save_adapter`).
         force: Read a lora-hub file whose bytes fail its checksum anyway (see `verify_checksum`).
+        parameter_order_from: A base model used only to name PEFT expert parameters (target_parameters), when
+            `base` is not given: PEFT names them by the order the model registers them.
 
     Raises:
         AdapterNotFoundError, UnsupportedLayoutError, UnknownLayoutError, LfsPointerError, PickleRefusedError,
@@ -78,7 +81,7 @@ def convert_adapter(
         return from_loralib(source, alpha=alpha, r=r, enable_lora=enable_lora,
                             fan_in_fan_out=fan_in_fan_out, base=base, allow_pickle=allow_pickle)
     if detected.layout is not Layout.LORA_HUB:
-        return read_peft(detected, base=base, allow_pickle=allow_pickle)
+        return read_peft(detected, base=base, allow_pickle=allow_pickle, order_from=parameter_order_from)
     from ..basemodel import describe_base, fit_to_base
     from ..format import adapter_header, load_adapter, verify_checksum
 

@@ -125,7 +125,7 @@ def read_peft_config(path: Path) -> dict:
 
     Raises:
         PeftConfigError: Unreadable, not a JSON object, or over MAX_PEFT_CONFIG_BYTES.
-        UnsupportedFeatureError: Another PEFT method (prefix tuning, IA3, ...) or DoRA.
+        UnsupportedFeatureError: Another PEFT method (prefix tuning, IA3, ...).
         UnsupportedLayoutError: An MLX-LM adapter config.
     """
     if path.stat().st_size > C.MAX_PEFT_CONFIG_BYTES:
@@ -145,9 +145,6 @@ def read_peft_config(path: Path) -> dict:
         raise UnsupportedFeatureError(
             f"peft_type is {peft_type!r}: only LoRA adapters can be converted (prefix tuning, IA3, prompt tuning and "
             "other PEFT methods have no low-rank update to carry)", path=path)
-    if config.get("use_dora"):
-        raise UnsupportedFeatureError("a DoRA adapter (use_dora=true): its magnitude vectors are not part of "
-                                      "lora-hub format v1", path=path)
     return config
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,6 +23,7 @@ from ..errors import (
     LoraHubError,
     MissingTensorError,
     ModuleConflictError,
+    ParameterRequiredError,
     PeftConfigError,
     PeftKeyIgnoredWarning,
     RankMismatchError,
@@ -71,29 +72,39 @@ def from_peft(source: str | os.PathLike[str], *, base: BaseSource | None = None,
     return read_peft(detected, base=base, allow_pickle=allow_pickle)
 
 
-def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool) -> Adapter:
-    """Reads a detected PEFT adapter (see `from_peft`)."""
+def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool,
+              order_from: BaseSource | None = None) -> Adapter:
+    """Reads a detected PEFT adapter (see `from_peft`). `order_from`: a base model to name expert parameters by,
+    when `base` is not given (see `convert_adapter`)."""
     from ..basemodel import describe_base, fit_to_base
 
     config = detected.peft_config
     tensors = load_weights(detected.weights, detected.kind, allow_pickle=allow_pickle, header=detected.header)
+    info = describe_base(base, task_type=config.get("task_type")) if base is not None else None
+    if info is None and order_from is not None and config.get("target_parameters"):
+        info = describe_base(order_from, task_type=config.get("task_type"))
     try:
-        adapter = peft_state_to_adapter(config, tensors)
+        adapter = peft_state_to_adapter(config, tensors,
+                                        parameter_order=list(info.parameters) if info is not None else None)
     except LoraHubError as e:
         e.locate(detected.weights)
         raise
     if base is not None:
-        info = describe_base(base, task_type=config.get("task_type"))
-        adapter = Adapter(fit_to_base(adapter.config, info), adapter.tensors, _checked=True)
+        adapter = adapter.derived(fit_to_base(adapter.config, info), adapter.tensors)
     adapter.source = os.fspath(detected.weights)
     return adapter
 
 
-def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Adapter:
+def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *,
+                          parameter_order: Sequence[str] | None = None) -> Adapter:
     """Builds an Adapter from a PEFT LoRA config dict and its state dict (keys `base_model.model.*`), every feature
     read for what it is (see convert/features.py). Tensors still in their file are not read: PEFT's names are the
     format's, so the file's tensors become the adapter's (expert tensors, which PEFT names by nesting depth, under
     their parameter's path).
+
+    Args:
+        parameter_order: The base model's parameter paths in the order it registers them (BaseModelInfo.parameters):
+            needed to name expert parameters when PEFT nested several on one module.
 
     Raises:
         UnsupportedFeatureError: A feature lora-hub does not carry, with its own code; or a base-modifying init
@@ -117,7 +128,7 @@ def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch
     budget = PatternBudget()
     ranks = KeyPatterns(config.get("rank_pattern") or {}, what="rank_pattern", budget=budget)
     alphas = KeyPatterns(config.get("alpha_pattern") or {}, what="alpha_pattern", budget=budget)
-    experts = _expert_parameters(parts.modules, config, shapes, ranks, r0)
+    experts = _expert_parameters(parts.modules, config, shapes, ranks, r0, parameter_order)
     renamed: dict[str, str] = {}
     rewritten: dict[str, torch.Tensor] = {}
     specs: dict[str, ModuleSpec] = {}
@@ -279,12 +290,17 @@ def _split_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, A
 
 
 def _expert_parameters(modules: Mapping[str, Mapping[str, str]], config: Mapping[str, Any],
-                       shapes: Mapping[str, tuple[int, ...]], ranks: KeyPatterns,
-                       r0: Any) -> dict[str, tuple[str, int]]:
+                       shapes: Mapping[str, tuple[int, ...]], ranks: KeyPatterns, r0: Any,
+                       parameter_order: Sequence[str] | None) -> dict[str, tuple[str, int]]:
     """PEFT module path -> (parameter path, number of experts) for the LoRA pairs that adapt parameters
     (target_parameters). PEFT nests one wrapper per parameter of a module, the parameter registered last outermost:
     `<module>.lora_A` is the last of the module's targeted parameters, `<module>.base_layer.lora_A` the one before,
-    and so on; the config lists them in the module's order."""
+    and so on. The config's list does not keep that order, so with several parameters on one module the base
+    model's order is needed.
+
+    Raises:
+        ParameterRequiredError: Several parameters of one module, and no `parameter_order`.
+    """
     targets = config.get("target_parameters") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise PeftConfigError(f"target_parameters must be a list of parameter names, got {targets!r:.80}")
@@ -296,8 +312,16 @@ def _expert_parameters(modules: Mapping[str, Mapping[str, str]], config: Mapping
         owner = module
         while owner.endswith(".base_layer"):
             owner, depth = owner[:-len(".base_layer")], depth + 1
-        params = [t.rsplit(".", 1)[1] for t in targets
-                  if "." in t and (owner == t.rsplit(".", 1)[0] or owner.endswith("." + t.rsplit(".", 1)[0]))]
+        params = list(dict.fromkeys(
+            t.rsplit(".", 1)[1] for t in targets
+            if "." in t and (owner == t.rsplit(".", 1)[0] or owner.endswith("." + t.rsplit(".", 1)[0]))))
+        if len(params) > 1:
+            if parameter_order is None:
+                raise ParameterRequiredError(
+                    f"'{owner}' has {len(params)} adapted parameters ({', '.join(params)}), which PEFT names by the "
+                    "order the base model registers them: give the base model (base=, CLI --base)", module=module)
+            rank = {path: i for i, path in enumerate(parameter_order)}
+            params.sort(key=lambda p: rank.get(f"{owner}.{p}", len(rank)))
         if not params:
             if depth:
                 raise PeftConfigError(f"'{module}' nests LoRA wrappers, but target_parameters names no parameter of "

@@ -15,30 +15,116 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
 
+if TYPE_CHECKING:
+    from ..basemodel import BaseSource
 
-def to_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
+
+def to_peft(adapter: Adapter, directory: str | os.PathLike[str], *, base: BaseSource | None = None) -> Path:
     """Writes `adapter` as a PEFT folder: adapter_model.safetensors (a lora-hub file, which PEFT reads as its own)
-    and adapter_config.json. enable_lora modules are written in their exactly equivalent plain form. The folder is
-    written all or nothing: an existing one keeps its old pair (and its other files) until the new pair replaces it
-    in one step, so weights and config never come from different writes.
+    and adapter_config.json, so that PeftModel gives the same result. enable_lora modules are written in their
+    exactly equivalent plain form. The folder is written all or nothing: an existing one keeps its old pair (and its
+    other files) until the new pair replaces it in one step, so weights and config never come from different writes.
+
+    Expert modules (PEFT's target_parameters) are named as PEFT nests them, which depends on the order the base
+    model registers the parameters of one module: the file is then PEFT's own safetensors file, not a lora-hub file.
+
+    Args:
+        base: The base model (see `describe_base`), needed only to name expert parameters that share a module; by
+            default the base model the adapter declares, if it can be described.
 
     Returns:
         The folder.
+
+    Raises:
+        ConversionError: A combination PEFT's config cannot express (DoRA on some modules only, DoRA or lora_bias
+            with embeddings), or expert parameters whose order is unknown.
     """
     from ..atomicfile import atomic_folder
     from ..format import save_adapter
 
     directory = Path(directory)
-    plain = expand_enable_lora(adapter)
-    text = json.dumps(peft_config(plain.config), indent=2, sort_keys=True) + "\n"
+    plain = expand_enable_lora(_with_zero_biases(adapter))
+    config = peft_config(plain.config)
+    experts = {m: s for m, s in plain.modules.items() if s.kind == "experts"}
+    names = _expert_names(experts, plain.config, base) if experts else {}
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     with atomic_folder(directory) as staging:
-        save_adapter(plain, staging / "adapter_model.safetensors")
+        if names:
+            _save_renamed(plain, names, staging / "adapter_model.safetensors")
+        else:
+            save_adapter(plain, staging / "adapter_model.safetensors")
         (staging / "adapter_config.json").write_text(text, encoding="utf-8")
     return directory
+
+
+def _with_zero_biases(adapter: Adapter) -> Adapter:
+    """lora_bias is one setting for the whole adapter in PEFT: modules without a bias get a zero one (which adds
+    nothing), when some modules have one."""
+    specs = adapter.modules
+    if not any(s.bias for s in specs.values()) or all(s.bias for s in specs.values() if s.kind == "linear"):
+        return adapter
+    import torch
+
+    modules, tensors = dict(specs), dict(adapter.tensors)
+    for module, spec in specs.items():
+        if spec.kind == "linear" and not spec.bias:
+            modules[module] = replace(spec, bias=True)
+            b = adapter.lora_B(module)
+            tensors[modules[module].tensor_names(module).bias] = torch.zeros(spec.out_features, dtype=b.dtype)
+    from ..format import verify_checksum
+
+    verify_checksum(adapter)
+    return adapter.derived(replace(adapter.config, modules=modules), tensors)
+
+
+def _expert_names(experts: Mapping[str, ModuleSpec], config: AdapterConfig,
+                  base: BaseSource | None) -> dict[str, str]:
+    """Parameter-path tensor names -> PEFT's nested names. The parameter a module registers last is wrapped
+    outermost (`<module>.lora_A.weight`), the one before it one level deeper (`<module>.base_layer.lora_A.weight`)."""
+    from ..errors import BaseModelError, ConversionError
+
+    by_module: dict[str, list[str]] = {}
+    for path in experts:
+        module, _, name = path.rpartition(".")
+        by_module.setdefault(module, []).append(name)
+    order: list[str] | None = None
+    if any(len(names) > 1 for names in by_module.values()):
+        from ..basemodel import describe_base
+
+        source = base if base is not None else (config.base_model.name if config.base_model else None)
+        try:
+            order = list(describe_base(source, task_type=config.task_type).parameters) if source else None
+        except BaseModelError:
+            order = None
+        if order is None:
+            raise ConversionError("the adapter adapts several expert parameters of one module, which PEFT names by "
+                                  "the order the model registers them: give the base model (base=, CLI --base)")
+    out = {}
+    for module, names in by_module.items():
+        if order is not None and len(names) > 1:
+            names = sorted(names, key=lambda n: order.index(f"{module}.{n}") if f"{module}.{n}" in order else -1)
+        for depth, name in enumerate(reversed(names)):
+            stem = "base_model.model." + module + ".base_layer" * depth
+            spec_names = config.modules[f"{module}.{name}"].tensor_names(f"{module}.{name}")
+            out[spec_names.lora_A] = f"{stem}.lora_A.weight"
+            out[spec_names.lora_B] = f"{stem}.lora_B.weight"
+    return out
+
+
+def _save_renamed(adapter: Adapter, names: Mapping[str, str], path: Path) -> None:
+    """PEFT's own safetensors file (no lora-hub metadata): the adapter's tensors, experts under PEFT's names."""
+    from safetensors.torch import save
+
+    from ..atomicfile import atomic_write
+    from ..format import verify_checksum
+
+    verify_checksum(adapter)
+    tensors = {names.get(n, n): t.contiguous() for n, t in adapter.tensors.items()}
+    atomic_write(path, [save(tensors, metadata={"format": "pt"})])
 
 
 def expand_enable_lora(adapter: Adapter) -> Adapter:
@@ -68,18 +154,38 @@ def expand_enable_lora(adapter: Adapter) -> Adapter:
 
 def peft_config(config: AdapterConfig) -> dict[str, Any]:
     """PEFT's adapter_config.json for a config without enable_lora modules: the most common (r, alpha) as defaults,
-    the rest as rank_pattern / alpha_pattern keyed by module paths that match exactly one module."""
+    the rest as rank_pattern / alpha_pattern keyed by module paths that match exactly one module; features as PEFT's
+    settings (use_dora, lora_bias, trainable_token_indices, target_parameters).
+
+    Raises:
+        ConversionError: A combination PEFT's config cannot express.
+    """
+    from ..errors import ConversionError
+
     specs = config.modules
     if any(s.enable_lora is not None for s in specs.values()):
         raise ValueError("expand enable_lora modules first (expand_enable_lora)")
+    linear = [s for s in specs.values() if s.kind == "linear"]
+    dora = [s.dora for s in specs.values()]
+    if any(dora) and not all(s.dora for s in linear):
+        raise ConversionError("DoRA on some modules only: PEFT's use_dora applies to every adapted layer, so PEFT "
+                              "cannot load this adapter as it is (use lora-hub to apply it)")
+    if any(dora) and any(s.kind != "linear" for s in specs.values()):
+        raise ConversionError("DoRA with embedding or expert modules: PEFT's use_dora would apply DoRA to those too "
+                              "(use lora-hub to apply it)")
+    if any(s.bias for s in specs.values()) and any(s.kind != "linear" for s in specs.values()):
+        raise ConversionError("lora_bias with embedding or expert modules: PEFT's lora_bias does not apply to them "
+                              "(use lora-hub to apply it)")
     use_rslora = 2 * sum(s.rslora for s in specs.values()) > len(specs)
     alphas = {m: _alpha_under(s, use_rslora) for m, s in specs.items()}
     counts = Counter((s.r, alphas[m]) for m, s in specs.items())
     r0, alpha0 = min(counts, key=lambda pair: (-counts[pair], pair))
     keys, collide = _exact_keys(specs)
-    targets: list[str] | str = sorted(specs)
+    modules = sorted(m for m, s in specs.items() if s.kind != "experts")
+    parameters = sorted(m for m, s in specs.items() if s.kind == "experts")
+    targets: list[str] | str = modules
     if collide:
-        targets = "(" + "|".join(re.escape(m) for m in sorted(specs)) + ")"
+        targets = "(" + "|".join(re.escape(m) for m in modules) + ")"
     base = config.base_model or BaseModelRef()
     return {
         "peft_type": "LORA",
@@ -91,10 +197,13 @@ def peft_config(config: AdapterConfig) -> dict[str, Any]:
         "rank_pattern": {keys[m]: s.r for m, s in specs.items() if s.r != r0},
         "alpha_pattern": {keys[m]: alphas[m] for m in specs if alphas[m] != alpha0},
         "target_modules": targets,
+        "target_parameters": parameters or None,
         "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": any(s.fan_in_fan_out for s in specs.values()),
+        "trainable_token_indices": {m: list(i) for m, i in config.trainable_tokens.items()} or None,
+        "fan_in_fan_out": any(s.fan_in_fan_out for s in specs.values() if s.kind == "linear"),
         "use_rslora": use_rslora,
-        "use_dora": False,
+        "use_dora": any(dora),
+        "lora_bias": any(s.bias for s in specs.values()),
         "bias": "none",
         "lora_dropout": 0.0,
         "inference_mode": True,
