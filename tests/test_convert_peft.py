@@ -159,10 +159,7 @@ def test_config_that_contradicts_the_tensors_is_refused(tmp_path: Path) -> None:
         lora_hub.convert_adapter(source)
 
 
-def test_dora_and_other_methods_are_refused_before_loading(tmp_path: Path) -> None:
-    source = random_peft_adapter(tiny_model("llama"), tmp_path / "dora", use_dora=True)
-    with pytest.raises(lora_hub.UnsupportedFeatureError, match="DoRA"):
-        lora_hub.convert_adapter(source)
+def test_other_peft_methods_are_refused_before_loading(tmp_path: Path) -> None:
     (tmp_path / "ia3").mkdir()
     (tmp_path / "ia3" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     (tmp_path / "ia3" / "adapter_model.bin").write_bytes(b"\x80\x04 not even read")
