@@ -148,8 +148,13 @@ def check_file(data: bytes, folder: Path) -> None:
             adapter = lora_hub.load_adapter(path)
             for tensor in adapter.tensors.values():
                 tensor.double().sum()
-            for module in adapter.modules:
-                adapter.delta_weight(module)
+            for module, spec in adapter.modules.items():
+                if spec.dora:  # its update depends on the base weight
+                    weight = torch.ones(spec.delta_shape)
+                    lora_hub.dora_weight(spec, weight, adapter.lora_A(module), adapter.lora_B(module),
+                                         adapter.magnitude(module))
+                else:
+                    adapter.delta_weight(module)
 
 
 PEFT_WEIGHTS: dict[str, torch.Tensor] = {

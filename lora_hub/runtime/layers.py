@@ -1,112 +1,36 @@
-"""The LoRA path around one base layer, and the selection that all such paths share.
+"""The LoRA path around one linear base layer, and the slot buffers that every kind of path shares.
 
 A `LoraLayer` wraps a base layer (nn.Linear, transformers' Conv1D, bitsandbytes Linear8bitLt or Linear4bit) without
 changing it. Every adapter resident on the model has a slot in each layer's fixed buffers:
 
-    lora_A   (slots, rank, in)    zero-padded to the largest rank loaded on this layer
-    lora_B   (slots, out, rank)   enable_lora modules stored in their block-diagonal plain form
-    scaling  (slots,)             alpha / r, or alpha / sqrt(r)
+    lora_A      (slots, rank, in)    zero-padded to the largest rank loaded on this layer
+    lora_B      (slots, out, rank)   enable_lora modules stored in their block-diagonal plain form
+    scaling     (slots,)             alpha / r, or alpha / sqrt(r)
+    lora_bias   (slots, out)         only once an adapter with a lora_B bias is loaded here
+    dora_scale  (slots, out)         only once a DoRA adapter is loaded here: m / ||W + s B A|| per output row
+    base_weights {slot: weight}      weights that adapters bring for the base layer (PEFT's saved lm_head)
 
-The `Selection`, one object shared by every layer, says which slots to apply: none, some with weights (lanes,
-stacked adapters) or one per batch row (rows, mixed batches). Switching writes the selection's small index and
-weight tensors in place: no module is rebuilt, no buffer is reallocated, and the tensors a compiled graph or a CUDA
-graph captured stay the same ones.
+The `Selection` (selection.py), one object shared by every layer, says which slots to apply. Switching writes its
+small index and weight tensors in place: no module is rebuilt, no buffer is reallocated. Adapters without biases,
+DoRA or base weights never allocate the optional buffers and run exactly the plain path.
 """
 
 from __future__ import annotations
 
-import enum
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class Mode(enum.Enum):
-    OFF = "off"
-    LANES = "lanes"
-    ROWS = "rows"
-
-
-class Selection:
-    """Which slots the LoRA paths apply, with what weight; one instance is shared by all layers of a runtime.
-
-    Its index and weight tensors exist once per device that has a layer, created or refreshed when the selection
-    changes, never during a forward pass: a compiled graph sees the same tensors, with new contents, after a switch
-    (only a change in the number of stacked adapters or rows changes their shape).
-    """
-
-    def __init__(self) -> None:
-        self._listeners: list[weakref.WeakMethod] = []
-        self.mode = Mode.OFF
-        self._devices: set[torch.device] = set()
-        self._lanes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rows: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.lane_slots: list[int] = []
-        self.lane_weights: list[float] = []
-        self.row_slots: list[int] = []
-        self.row_weights: list[float] = []
-
-    def register(self, device: torch.device) -> None:
-        """Adds a device that layers live on (called when a layer is wrapped)."""
-        if device not in self._devices:
-            self._devices.add(device)
-            _store(self._lanes, {device}, self.lane_slots, [1.0] * len(self.lane_slots))
-            _store(self._rows, {device}, self.row_slots, self.row_weights)
-
-    def on_move(self, method: Callable[[], None]) -> None:
-        """Calls `method` (held weakly) whenever a layer's buffers are replaced by a move or a conversion of the
-        model (`model.to(...)`, `.half()`)."""
-        self._listeners.append(weakref.WeakMethod(method))
-
-    def moved(self, device: torch.device) -> None:
-        """A layer's buffers now live on `device` (LoraLayer._apply)."""
-        self.register(device)
-        for listener in self._listeners:
-            method = listener()
-            if method is not None:
-                method()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_listeners"] = []  # a copy or a pickle of the model belongs to no runtime
-        return state
-
-    def set_lanes(self, slots: Sequence[int], weights: Sequence[float]) -> None:
-        self.lane_slots, self.lane_weights = list(slots), list(weights)
-        _store(self._lanes, self._devices, self.lane_slots, self.lane_weights)
-        self.mode = Mode.LANES if slots else Mode.OFF
-
-    def set_rows(self, slots: Sequence[int], weights: Sequence[float]) -> None:
-        self.row_slots, self.row_weights = list(slots), list(weights)
-        _store(self._rows, self._devices, self.row_slots, self.row_weights)
-        self.mode = Mode.ROWS
-
-    def lanes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._lanes[device]
-
-    def rows(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows[device]
-
-
-def _store(cache: dict, devices: set[torch.device], slots: list[int], weights: list[float]) -> None:
-    """Writes slots and weights into each device's tensors: in place when the length is unchanged."""
-    index_values = torch.tensor(slots, dtype=torch.long)
-    weight_values = torch.tensor(weights, dtype=torch.float32)
-    for device in devices:
-        index, weight = cache.get(device, (None, None))
-        if index is not None and index.numel() == len(slots):
-            index.copy_(index_values)
-            weight.copy_(weight_values)
-        else:
-            cache[device] = (index_values.to(device), weight_values.to(device))
+from .selection import Mode, Selection
+from .weights import Snapshot, dequantized, merge_delta, merge_float, replace_attribute
 
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """'linear', 'conv1d', 'int8' or '4bit' for layers a LoRA path can wrap, else None. bitsandbytes is recognised
-    by class, without importing it."""
+    """'linear', 'conv1d', 'int8', '4bit' or 'embedding' for layers a LoRA path can wrap, else None. bitsandbytes
+    is recognised by class, without importing it."""
     from transformers.pytorch_utils import Conv1D
 
     cls = type(layer)
@@ -116,6 +40,8 @@ def layer_kind(layer: nn.Module) -> str | None:
         return "linear"
     if isinstance(layer, Conv1D):
         return "conv1d"
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
     return None
 
 
@@ -132,19 +58,23 @@ def compute_dtype(layer: nn.Module, default: torch.dtype) -> torch.dtype:
 
 
 def features(layer: nn.Module, kind: str) -> tuple[int, int]:
-    """(in_features, out_features) of a layer of `kind`; Conv1D stores its weight as (in, out)."""
+    """(in_features, out_features) of a layer of `kind`; Conv1D stores its weight as (in, out), an embedding is
+    (vocabulary, width)."""
     if kind == "conv1d":
         rows, cols = layer.weight.shape
         return rows, cols
+    if kind == "embedding":
+        return layer.num_embeddings, layer.embedding_dim
     return layer.in_features, layer.out_features
 
 
-def allocate(base_layer: nn.Module, kind: str, dtype: torch.dtype, slots: int,
-             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lora_A (slots, rank, in) and lora_B (slots, out, rank) buffers of a LoraLayer around `base_layer`, on
-    its device. A single slot is about to be written in full by the load that wraps the layer; more slots belong to
-    other adapters, which must read as zero here."""
-    in_features, out_features = features(base_layer, kind)
+def allocate(base_layer: nn.Module, kind: str, dtype: torch.dtype, slots: int, rank: int,
+             dims: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lora_A (slots, rank, in) and lora_B (slots, out, rank) buffers of a layer around `base_layer`, on its
+    device (`dims` overrides (in, out) for adapters that bring a resized base weight). A single slot is about to be
+    written in full by the load that wraps the layer; more slots belong to other adapters, which must read as
+    zero here."""
+    in_features, out_features = dims or features(base_layer, kind)
     device = base_layer.weight.device
     create = torch.empty if slots == 1 else torch.zeros
     return (create(slots, rank, in_features, device=device, dtype=dtype),
@@ -160,18 +90,15 @@ def destinations(lora_A: torch.Tensor, lora_B: torch.Tensor, slot: int, rank: in
     return lora_A[slot, :rank], b
 
 
-class LoraLayer(nn.Module):
-    """A base layer plus the LoRA paths of every resident adapter. The base layer is never modified by the path;
-    only merging (see runtime.weights) changes its weight, reversibly."""
+class SlotLayer(nn.Module):
+    """What every kind of LoRA path keeps per slot: lora_A, lora_B and the scaling, grown by loads, renumbered by
+    unloads, written in place. Subclasses compute with them (forward) and merge them."""
 
-    def __init__(self, base_layer: nn.Module, selection: Selection, kind: str, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor) -> None:
-        """Wraps `base_layer` (of `kind`, see `layer_kind`) around the buffers that `allocate` made for it."""
+    def __init__(self, selection: Selection, kind: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         super().__init__()
-        self.base_layer = base_layer
         self.selection = selection
         self.kind = kind
-        self.in_features, self.out_features = features(base_layer, kind)
+        self.in_features, self.out_features = lora_A.shape[2], lora_B.shape[1]
         selection.register(lora_A.device)
         self.register_buffer("lora_A", lora_A, persistent=False)
         self.register_buffer("lora_B", lora_B, persistent=False)
@@ -191,6 +118,10 @@ class LoraLayer(nn.Module):
     def rank(self) -> int:
         return self.lora_A.shape[1]
 
+    @property
+    def slots(self) -> int:
+        return self.lora_A.shape[0]
+
     def reserve(self, slots: int, rank: int) -> None:
         """Resizes the buffers to `slots` x `rank`, keeping what fits. Loading calls it; switching never does."""
         old_slots, old_rank = self.lora_A.shape[:2]
@@ -199,11 +130,10 @@ class LoraLayer(nn.Module):
         keep_slots, keep_rank = min(slots, old_slots), min(rank, old_rank)
         a = self.lora_A.new_zeros(slots, rank, self.in_features)
         b = self.lora_B.new_zeros(slots, self.out_features, rank)
-        s = self.scaling.new_zeros(slots)
         a[:keep_slots, :keep_rank] = self.lora_A[:keep_slots, :keep_rank]
         b[:keep_slots, :, :keep_rank] = self.lora_B[:keep_slots, :, :keep_rank]
-        s[:keep_slots] = self.scaling[:keep_slots]
-        self.lora_A, self.lora_B, self.scaling = a, b, s
+        self.lora_A, self.lora_B = a, b
+        self.scaling = _resized(self.scaling, slots, 0.0)
         self._scalings = self._scalings[:keep_slots] + [0.0] * (slots - keep_slots)
 
     def select_slots(self, slots: Sequence[int]) -> None:
@@ -252,19 +182,177 @@ class LoraLayer(nn.Module):
         self.scaling[slot] = 0.0
         self._scalings[slot] = 0.0
 
-    def delta_weight(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
-        """sum_k weights[k] * scaling * B_k @ A_k in float32, shaped like the base weight ((in, out) for Conv1D)."""
+    def update(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+        """sum_k weights[k] * scaling * B_k @ A_k in float32, in (out, in) orientation."""
         delta = None
         for slot, weight in zip(slots, weights, strict=True):
             term = (self.lora_B[slot].float() @ self.lora_A[slot].float()) * (self._scalings[slot] * weight)
             delta = term if delta is None else delta + term
-        return delta.T if self.kind == "conv1d" else delta
+        return delta
 
-    def add_delta_(self, weight: torch.Tensor, slots: Sequence[int], weights: Sequence[float]) -> None:
-        """Adds the weighted deltas to `weight` (the base weight as stored) in place: one addmm_ per adapter for
-        float32, else a float32 delta added and rounded once."""
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, slots={self.slots}, rank={self.rank}"
+
+
+class LoraLayer(SlotLayer):
+    """A linear base layer plus the LoRA paths of every resident adapter. The base layer is never modified by the
+    path; only merging (see runtime.weights) changes its weight, reversibly."""
+
+    def __init__(self, base_layer: nn.Module, selection: Selection, kind: str, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor) -> None:
+        """Wraps `base_layer` (of `kind`, see `layer_kind`) around the buffers that `allocate` made for it."""
+        super().__init__(selection, kind, lora_A, lora_B)
+        self.base_layer = base_layer
+        self.lora_bias: torch.Tensor | None = None
+        self.dora_scale: torch.Tensor | None = None
+        self._dora: list[bool] = [False] * self.slots
+        self.base_weights: dict[int, torch.Tensor] = {}
+        self.tied = False
+        """The base weight is shared with another layer (a tied lm_head): merges never write into it."""
+        self.output_rows: Any = None
+        """For an output projection tied to an embedding: the embedding's token rows (embeddings.OutputRows)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for name in ("lora_bias", "dora_scale"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        self.base_weights = {slot: fn(w) for slot, w in self.base_weights.items()}
+        return self
+
+    # --- slots -------------------------------------------------------------------------------------------------
+
+    def reserve(self, slots: int, rank: int) -> None:
+        old = self.slots
+        super().reserve(slots, rank)
+        if self.lora_bias is not None:
+            self.lora_bias = _resized(self.lora_bias, slots, 0.0)
+        if self.dora_scale is not None:
+            self.dora_scale = _resized(self.dora_scale, slots, 1.0)
+        self._dora = self._dora[:slots] + [False] * max(0, slots - old)
+        self.base_weights = {s: w for s, w in self.base_weights.items() if s < slots}
+
+    def select_slots(self, slots: Sequence[int]) -> None:
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.lora_A.device)
+        super().select_slots(slots)
+        if self.lora_bias is not None:
+            self.lora_bias = self.lora_bias.index_select(0, index)
+        if self.dora_scale is not None:
+            self.dora_scale = self.dora_scale.index_select(0, index)
+        self._dora = [self._dora[s] for s in slots]
+        self.base_weights = {new: self.base_weights[old] for new, old in enumerate(slots) if old in self.base_weights}
+
+    def clear(self, slot: int) -> None:
+        super().clear(slot)
+        if self.lora_bias is not None:
+            self.lora_bias[slot].zero_()
+        if self.dora_scale is not None:
+            self.dora_scale[slot].fill_(1.0)
+        self._dora[slot] = False
+        self.base_weights.pop(slot, None)
+
+    def write_features(self, slot: int, *, bias: torch.Tensor | None, magnitude: torch.Tensor | None,
+                       base_weight: torch.Tensor | None) -> None:
+        """The parts of a slot beyond its factors (after `write`): the lora_B bias, the base weight the adapter
+        brings (kept only where it differs from the layer's own), and the DoRA scale, computed once from the weight
+        the slot applies to (PEFT recomputes it on every forward; it only changes when that weight does)."""
+        if bias is not None:
+            if self.lora_bias is None:
+                self.lora_bias = self.lora_A.new_zeros(self.slots, self.out_features)
+            self.lora_bias[slot].copy_(bias)
+        elif self.lora_bias is not None:
+            self.lora_bias[slot].zero_()
+        self.base_weights.pop(slot, None)
+        if base_weight is not None and not _same(base_weight, self.base_layer.weight):
+            self.base_weights[slot] = base_weight.to(self.lora_A.device, self._weight_dtype())
+        self._dora[slot] = magnitude is not None
+        if magnitude is not None:
+            if self.dora_scale is None:
+                self.dora_scale = torch.ones(self.slots, self.out_features, device=self.lora_A.device,
+                                             dtype=torch.float32)
+            updated = self._oriented(slot) + self.update([slot], [1.0])
+            self.dora_scale[slot] = magnitude.float().to(self.lora_A.device) / torch.linalg.norm(updated, dim=1)
+        elif self.dora_scale is not None:
+            self.dora_scale[slot].fill_(1.0)
+
+    def is_dora(self, slot: int) -> bool:
+        return self._dora[slot]
+
+    def _weight_dtype(self) -> torch.dtype:
+        weight = self.base_layer.weight
+        return weight.dtype if weight.is_floating_point() and weight.element_size() > 1 else self.lora_A.dtype
+
+    def _oriented(self, slot: int | None) -> torch.Tensor:
+        """The weight slot `slot` applies to (its own base weight, or the layer's, dequantized), float32, (out, in)."""
+        weight = self.base_weights.get(slot) if slot is not None else None
+        if weight is None:
+            weight = self.base_layer.weight if self.kind in ("linear", "conv1d") else \
+                dequantized(self.base_layer, self.kind)
+        weight = weight.float()
+        return weight.T if self.kind == "conv1d" else weight
+
+    # --- merging -----------------------------------------------------------------------------------------------
+
+    def merge(self, slots: Sequence[int], weights: Sequence[float]) -> Snapshot:
+        """Folds the weighted slots into the base layer (its weight and bias); returns what restores them. A DoRA
+        slot is merged alone with weight 1 (the runtime refuses anything else)."""
+        replaced = [s for s in slots if s in self.base_weights]
+        dora = [s for s in slots if self._dora[s]]
+        if not replaced and not dora and self.lora_bias is None and self.kind in ("linear", "conv1d") and \
+                not self.tied and self.output_rows is None:
+            return merge_float(self.base_layer, lambda w: self._add_update_(w, slots, weights))
+        source = self._oriented(replaced[0] if replaced else None)
+        if dora:
+            updated = source + self.update(slots, weights)
+            target = updated * self.dora_scale[dora[0]][:, None]
+        else:
+            target = source + self.update(slots, weights)
+        if self.output_rows is not None:
+            for slot in slots:
+                if slot in self.output_rows.embedding.tokens.by_slot:
+                    index, rows = self.output_rows.embedding.tokens.by_slot[slot]
+                    target[index] = rows.float()
+        target = target.T if self.kind == "conv1d" else target
+        snapshot = self._set_weight(target, replaced=bool(replaced))
+        self._merge_bias(slots, weights, dora[0] if dora else None, snapshot)
+        return snapshot
+
+    def _set_weight(self, target: torch.Tensor, *, replaced: bool) -> Snapshot:
+        layer = self.base_layer
+        if self.kind in ("int8", "4bit"):
+            if replaced:
+                raise ValueError("an adapter that brings its own base weight cannot be merged into a quantized layer")
+            return merge_delta(layer, self.kind, target - dequantized(layer, self.kind).float())
+        weight = layer.weight
+        if self.tied or replaced or target.shape != weight.shape:  # a shared or replaced weight: a new parameter
+            return replace_attribute(layer, "weight", nn.Parameter(target.to(weight.dtype), requires_grad=False))
+        return merge_float(layer, lambda w: w.copy_(target.to(w.dtype)))
+
+    def _merge_bias(self, slots: Sequence[int], weights: Sequence[float], dora_slot: int | None,
+                    snapshot: Snapshot) -> None:
+        if self.lora_bias is None:
+            return
+        added = sum((self.lora_bias[s].float() * (self._scalings[s] * w) for s, w in zip(slots, weights, strict=True)),
+                    torch.zeros(self.out_features, device=self.lora_A.device))
+        if not bool(added.any()):
+            return
+        layer = self.base_layer
+        bias = getattr(layer, "bias", None)
+        if dora_slot is not None:
+            added = added * self.dora_scale[dora_slot]
+        if bias is None:
+            snapshot.attributes.append((layer, "bias", None))
+            layer.bias = nn.Parameter(added.to(self._weight_dtype()), requires_grad=False)
+        else:
+            snapshot.copies.append((bias.data, bias.data.clone()))
+            bias.data.copy_((bias.data.float() + added).to(bias.dtype))
+
+    def _add_update_(self, weight: torch.Tensor, slots: Sequence[int], weights: Sequence[float]) -> None:
+        """Adds the weighted updates to `weight` (the base weight as stored) in place: one addmm_ per adapter for
+        float32, else a float32 update added and rounded once."""
         if weight.dtype != torch.float32:
-            weight.copy_((weight.float() + self.delta_weight(slots, weights)).to(weight.dtype))
+            delta = self.update(slots, weights)
+            weight.copy_((weight.float() + (delta.T if self.kind == "conv1d" else delta)).to(weight.dtype))
             return
         for slot, w in zip(slots, weights, strict=True):
             a, b = self.lora_A[slot].float(), self.lora_B[slot].float()
@@ -274,11 +362,33 @@ class LoraLayer(nn.Module):
             else:
                 weight.addmm_(b, a, alpha=alpha)
 
+    def delta_weight(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+        """The plain update of the weighted slots, shaped like the base weight ((in, out) for Conv1D)."""
+        delta = self.update(slots, weights)
+        return delta.T if self.kind == "conv1d" else delta
+
+    # --- computing ---------------------------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         selection = self.selection
-        if selection.mode is Mode.OFF or self.lora_A.shape[0] == 0:
-            return result
+        if selection.mode is Mode.OFF or self.slots == 0:
+            return self.base_layer(x, *args, **kwargs)
+        if self.base_weights or self.dora_scale is not None or self.lora_bias is not None:
+            result = self._forward_features(x, *args, **kwargs)
+        else:
+            result = self._forward_plain(x, *args, **kwargs)
+        rows = self.output_rows
+        if rows is not None:
+            bias = getattr(self.base_layer, "bias", None)
+            if selection.mode is Mode.LANES and rows.applies(selection.lane_slots):
+                result = rows.lanes(result, x, selection.lane_slots, bias)
+            elif selection.mode is Mode.ROWS and rows.applies(selection.row_slots):
+                result = rows.rows(result, x, selection.row_slots, selection.row_weights, bias)
+        return result
+
+    def _forward_plain(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        selection = self.selection
+        result = self.base_layer(x, *args, **kwargs)
         h = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
         device = self.lora_A.device
         if selection.mode is Mode.LANES:
@@ -288,6 +398,68 @@ class LoraLayer(nn.Module):
         if delta.dtype == result.dtype and not result.requires_grad:
             return result.add_(delta)  # the base layer's fresh output, added to in place: no third tensor
         return (result + delta).to(result.dtype)  # one rounding when the path computes wider than the base
+
+    def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The path with biases, DoRA scales or adapter-brought base weights (FORMAT.md section 8):
+        y = c * (base(x) - beta + s * (x A^T B^T + b)) + beta, with c = 1 outside DoRA."""
+        selection = self.selection
+        device = self.lora_A.device
+        h = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        if selection.mode is Mode.LANES:
+            index, weight = selection.lanes(device)
+            slots = selection.lane_slots
+            result = self._base(x, slots[0] if len(slots) == 1 else None, *args, **kwargs)
+            delta = self._lanes(h, index, weight)
+            if self.lora_bias is not None:
+                delta = delta + (self.lora_bias.index_select(0, index) *
+                                 (self.scaling.index_select(0, index) * weight)[:, None].to(delta.dtype)).sum(0)
+            scale = self.dora_scale.index_select(0, index).prod(0) if self._applies_dora(slots) else None
+        else:
+            index, weight = selection.rows(device)
+            result = self._base_rows(x, selection.row_slots, selection.row_weights, *args, **kwargs)
+            delta = self._rows(h, index, weight)
+            batch = index.numel()
+            if self.lora_bias is not None:
+                bias = self.lora_bias.index_select(0, index) * (self.scaling.index_select(0, index) *
+                                                                weight)[:, None].to(delta.dtype)
+                delta = (delta.reshape(batch, -1, self.out_features) + bias[:, None]).reshape(delta.shape)
+            scale = None
+            if self._applies_dora(selection.row_slots):  # rows of the bare model (weight 0) are not rescaled
+                scale = torch.where(weight[:, None] != 0, self.dora_scale.index_select(0, index), 1.0)[:, None]
+        if scale is None:
+            return (result + delta).to(result.dtype)
+        beta = getattr(self.base_layer, "bias", None)
+        beta = 0.0 if beta is None else beta.to(result.dtype)
+        shaped = result.reshape(scale.shape[0], -1, self.out_features) if scale.dim() == 3 else result
+        inner = (shaped - beta) + delta.reshape(shaped.shape).to(result.dtype)
+        return (inner * scale.to(result.dtype) + beta).reshape(result.shape)
+
+    def _applies_dora(self, slots: Sequence[int]) -> bool:
+        return self.dora_scale is not None and (torch.compiler.is_compiling() or any(self._dora[s] for s in slots))
+
+    def _base(self, x: torch.Tensor, slot: int | None, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output, with the weight slot `slot` brings if it brings one."""
+        weight = self.base_weights.get(slot) if slot is not None else None
+        if weight is None:
+            return self.base_layer(x, *args, **kwargs)
+        weight = weight.T if self.kind == "conv1d" else weight
+        return F.linear(x.to(weight.dtype), weight, getattr(self.base_layer, "bias", None))
+
+    def _base_rows(self, x: torch.Tensor, slots: Sequence[int], weights: Sequence[float], *args,
+                   **kwargs) -> torch.Tensor:
+        """The base output of routed rows: rows whose adapter brings a base weight computed with it."""
+        chosen = [slot if weight and slot in self.base_weights else None for slot, weight in zip(slots, weights,
+                                                                                                 strict=True)]
+        if all(slot is None for slot in chosen):
+            return self.base_layer(x, *args, **kwargs)
+        batch = len(slots)
+        rows = x.reshape(batch, -1, x.shape[-1])
+        outputs = [self._base(rows[i], slot, *args, **kwargs) for i, slot in enumerate(chosen)]
+        widths = {o.shape[-1] for o in outputs}
+        if len(widths) > 1:
+            raise ValueError("route() mixes adapters whose base weights have different output sizes (a resized "
+                             "vocabulary): their rows cannot share one batch")
+        return torch.stack(outputs).reshape(*x.shape[:-1], widths.pop())
 
     def _lanes(self, h: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         selection = self.selection
@@ -319,5 +491,18 @@ class LoraLayer(nn.Module):
         out = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)) * coefficient[:, None, None]
         return out.reshape(*h.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, slots={self.lora_A.shape[0]}, rank={self.rank}"
+
+def _resized(tensor: torch.Tensor, slots: int, fill: float) -> torch.Tensor:
+    """`tensor` (slots first) with `slots` entries: kept where they fit, `fill` for new ones."""
+    out = tensor.new_full((slots, *tensor.shape[1:]), fill)
+    keep = min(slots, tensor.shape[0])
+    out[:keep] = tensor[:keep]
+    return out
+
+
+def _same(candidate: torch.Tensor, weight: Any) -> bool:
+    """Whether an adapter's base weight equals the layer's own (PEFT saves the embedding matrices unchanged too)."""
+    if not isinstance(weight, torch.Tensor) or tuple(candidate.shape) != tuple(weight.shape) or \
+            not weight.is_floating_point() or weight.device.type == "meta":
+        return False
+    return torch.equal(candidate.to(weight.device, weight.dtype), weight)

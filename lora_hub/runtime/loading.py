@@ -44,7 +44,7 @@ class SlotReads:
         """Same tensor layout (so the same modules and ranks), no factor that needs rearranging, and the layers
         still hold the buffers read into."""
         tensors = adapter.tensors
-        return (isinstance(tensors, FileTensors) and tensors.layout == self.plan.layout
+        return (isinstance(tensors, FileTensors) and tensors.layout == self.plan.layout and not adapter.config.features
                 and all(spec.enable_lora is None for spec in adapter.modules.values())
                 and all(layer.lora_A is a and layer.lora_B is b for _, layer, a, b in self.layers))
 
@@ -100,7 +100,11 @@ def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapp
         a = read[a_name] if a_name in read else adapter.lora_A(path)
         b = read[b_name] if b_name in read else adapter.lora_B(path)
         layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
-    if read and all(t is None for t in read.values()):
+        layer.write_features(slot, bias=adapter.lora_bias(path), magnitude=adapter.magnitude(path),
+                             base_weight=adapter.base_weight(path))
+    for module, indices in adapter.config.trainable_tokens.items():
+        layers[module].write_tokens(slot, indices, adapter.token_rows(module))
+    if read and all(t is None for t in read.values()) and not adapter.config.features:
         kept = tuple((p, layers[p], layers[p].lora_A, layers[p].lora_B) for p in adapter.modules)
         others = tuple(layer for path, layer in layers.items() if path not in adapter.modules)
         return SlotReads(plan, kept, others)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Mode, Selection
+from .selection import Mode, Selection
 
 
 class ReplacedModule(nn.Module):

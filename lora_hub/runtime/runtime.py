@@ -42,10 +42,13 @@ from ..basemodel import describe_base
 from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
 from ..validate import check_base
-from .layers import LoraLayer, Selection, allocate, compute_dtype, layer_kind
+from .embeddings import EmbeddingLoraLayer, OutputRows
+from .experts import ExpertParamLayer, ExpertsModule
+from .layers import LoraLayer, allocate, compute_dtype, layer_kind
 from .loading import NewLayer, SlotReads, fill
 from .replaced import ReplacedModule
-from .weights import Snapshot, merge_delta, merge_float, restore
+from .selection import Selection
+from .weights import Snapshot, restore
 
 Choice = str | Mapping[str, float] | None
 """What to use: an adapter name, {name: weight} to stack, or None for the bare base model."""
@@ -57,6 +60,9 @@ class _Resident:
     config: AdapterConfig
     source: str | None
     replaced: frozenset[str] = field(default_factory=frozenset)
+    """Modules whose weights the adapter replaces (modules to save, its own base weights, token rows): two adapters
+    that replace the same module cannot be stacked."""
+    dora: bool = False
 
 
 class AdapterRuntime:
@@ -74,6 +80,7 @@ class AdapterRuntime:
         self.selection = Selection()
         self.layers: dict[str, LoraLayer] = {}
         self._replaced: dict[str, ReplacedModule] = {}
+        self._experts: dict[str, ExpertsModule] = {}  # by the path of the experts module they wrap
         self._info = describe_base(model)
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self._resident: dict[str, _Resident] = {}
@@ -160,9 +167,11 @@ class AdapterRuntime:
             if name in self._resident:  # an adapter being replaced is gone, not half there
                 self.unload(name)
             raise
-        replaced = self._load_replacements(slot, adapter)
+        replaced = self._load_replacements(slot, adapter) | frozenset(
+            [m for m, s in adapter.modules.items() if s.replaces_base] + list(adapter.config.trainable_tokens))
         before = self._resident.get(name)
-        self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced)
+        dora = any(s.dora for s in adapter.modules.values())
+        self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced, dora)
         if self._active and name in self._active and before is not None and before.replaced != replaced:
             self.use(self._active)  # in use, and now replacing other modules: checked against the others again
 
@@ -193,9 +202,14 @@ class AdapterRuntime:
         """Selects what the model computes: an adapter name, {name: weight} to stack several (the deltas add up,
         each times its weight), or None for the bare base model. Writes a few small tensors; nothing else changes.
 
+        A DoRA adapter rescales each output row of the whole weight, so it has no weighted or stacked meaning: it
+        applies alone, with weight 1 (routing it to some rows of a batch is fine). Replaced modules, base weights an
+        adapter brings and token rows apply whatever the weight, like PEFT's modules_to_save.
+
         Raises:
             RuntimeStateError: An unknown name, or adapters are merged (unmerge first).
-            ValueError: A weight that is not a finite number, or two stacked adapters replacing the same module.
+            ValueError: A weight that is not a finite number, two stacked adapters replacing the same module, or a
+                DoRA adapter stacked or weighted.
         """
         self._check_alive()
         if self._merged:
@@ -264,18 +278,22 @@ class AdapterRuntime:
         if self._merged:
             self.unmerge()
         snapshots: dict[str, Snapshot] = {}
+        touched = {m for n in weights for m in (*self._resident[n].config.modules,
+                                               *self._resident[n].config.trainable_tokens)}
         targeted = [(path, layer) for path, layer in self.layers.items()
-                    if any(path in self._resident[n].config.modules for n in weights)]
-        for done, (path, layer) in enumerate(targeted, 1):
-            slots, factors = [self._resident[n].slot for n in weights], list(weights.values())
-            with torch.no_grad():
-                if layer.kind in ("linear", "conv1d"):
-                    snapshots[path] = merge_float(layer.base_layer, lambda w, layer=layer, slots=slots,
-                                                  factors=factors: layer.add_delta_(w, slots, factors))
-                else:
-                    snapshots[path] = merge_delta(layer.base_layer, layer.kind, layer.delta_weight(slots, factors))
-            if progress is not None:
-                progress(done, len(targeted))
+                    if path in touched or (getattr(layer, "output_rows", None) is not None and
+                                           layer.output_rows.applies([self._resident[n].slot for n in weights]))]
+        slots, factors = [self._resident[n].slot for n in weights], list(weights.values())
+        try:
+            for done, (path, layer) in enumerate(targeted, 1):
+                with torch.no_grad():
+                    snapshots[path] = layer.merge(slots, factors)
+                if progress is not None:
+                    progress(done, len(targeted))
+        except BaseException:
+            for snapshot in reversed(snapshots.values()):  # nothing half-merged
+                restore(snapshot)
+            raise
         for module in self._replaced.values():
             module.pinned = next((self._resident[n].slot for n in weights
                                   if str(self._resident[n].slot) in module.variants), None)
@@ -288,7 +306,7 @@ class AdapterRuntime:
         self._check_alive()
         if not self._merged:
             return
-        for snapshot in self._merged[1].values():
+        for snapshot in reversed(self._merged[1].values()):
             restore(snapshot)
         for module in self._replaced.values():
             module.pinned = None
@@ -316,10 +334,14 @@ class AdapterRuntime:
         self._check_alive()
         self.unmerge()
         for path, layer in self.layers.items():
-            self._set(path, layer.base_layer)
+            if not isinstance(layer, ExpertParamLayer):
+                self._set(path, layer.base_layer)
+        for path, module in self._experts.items():
+            self._set(path, module.base_layer)
         for path, module in self._replaced.items():
             self._set(path, module.original)
         self.layers.clear()
+        self._experts.clear()
         self._replaced.clear()
         self._resident.clear()
         self._reads.clear()
@@ -353,6 +375,11 @@ class AdapterRuntime:
         return {name: float(weight) for name, weight in weights.items()}
 
     def _check_replacements(self, weights: Mapping[str, float]) -> None:
+        for name, weight in weights.items():
+            if self._resident[name].dora and (len(weights) > 1 or weight != 1.0):
+                raise ValueError(f"'{name}' is a DoRA adapter: it rescales the whole weight of each module, so it "
+                                 "applies alone and with weight 1 (stacking or weighting it has no defined meaning; "
+                                 "route() may give it some rows of a batch)")
         seen: dict[str, str] = {}
         for name in weights:
             for module in self._resident[name].replaced:
@@ -396,12 +423,24 @@ class AdapterRuntime:
         to grow and none for the others, and allocates the buffers of the modules the adapter needs that are not
         wrapped yet (returned, for `_wrap`)."""
         needed = {m: s.r * s.groups for m, s in adapter.modules.items()}
+        for module in adapter.config.trainable_tokens:  # the embedding, and a head tied to it, carry the rows
+            needed.setdefault(module, 0)
+            for head, owner in self._info.tied.items():
+                if owner == module:
+                    needed.setdefault(head, 0)
+        dims = {m: (s.in_features, s.out_features) for m, s in adapter.modules.items() if s.kind != "experts"}
+        for path, layer in self.layers.items():
+            if path in dims and dims[path] != (layer.in_features, layer.out_features):
+                raise RuntimeStateError(
+                    f"'{path}' holds adapters of in={layer.in_features}, out={layer.out_features}, and this one is "
+                    f"in={dims[path][0]}, out={dims[path][1]} (a resized vocabulary): adapters with different "
+                    "vocabularies cannot be resident together; unload the others first")
         for path, layer in self.layers.items():
             rank = max(layer.rank, needed.get(path, 0))
-            if (layer.lora_A.shape[0], layer.rank) != (self._capacity, rank):
+            if (layer.slots, layer.rank) != (self._capacity, rank):
                 layer.reserve(self._capacity, rank)
                 self._reads.clear()
-        return self._allocate([m for m in needed if m not in self.layers], needed)
+        return self._allocate([m for m in needed if m not in self.layers], needed, dims)
 
     def _resolve(self, targets: Iterable[str]) -> list[str]:
         paths = []
@@ -412,30 +451,65 @@ class AdapterRuntime:
             paths += matched
         return list(dict.fromkeys(paths))
 
-    def _allocate(self, paths: Sequence[str], ranks: Mapping[str, int]) -> dict[str, NewLayer]:
-        """The buffers of the LoraLayers that will wrap `paths`; nothing is wrapped yet.
+    def _allocate(self, paths: Sequence[str], ranks: Mapping[str, int],
+                  dims: Mapping[str, tuple[int, int]] | None = None) -> dict[str, NewLayer]:
+        """The buffers of the layers that will wrap `paths` (modules, or expert parameters); nothing is wrapped yet.
 
         Raises:
             RuntimeStateError: A module lora-hub cannot wrap.
         """
         new = {}
         for path in paths:
+            info = self._info.layers.get(path)
+            rank = self._max_rank or ranks.get(path, 0)
+            if info is not None and info.kind == "experts":
+                owner = self._modules[path.rpartition(".")[0]]
+                param = getattr(owner, path.rpartition(".")[2])
+                dtype = self._path_dtype or (param.dtype if param.is_floating_point() else self._dtype)
+                create = torch.empty if self._capacity == 1 else torch.zeros
+                new[path] = NewLayer("experts", create(self._capacity, info.experts * rank, info.in_features,
+                                                       device=param.device, dtype=dtype),
+                                     create(self._capacity, info.out_features, rank * info.experts,
+                                            device=param.device, dtype=dtype))
+                continue
             base = self._modules[path]
             kind = layer_kind(base)
             if kind is None:
                 raise RuntimeStateError(f"'{path}' is a {type(base).__name__}, which lora-hub cannot wrap")
             dtype = self._path_dtype or compute_dtype(base, self._dtype)
-            rank = self._max_rank or ranks.get(path, 0)
-            new[path] = NewLayer(kind, *allocate(base, kind, dtype, self._capacity, rank))
+            new[path] = NewLayer(kind, *allocate(base, kind, dtype, self._capacity, rank,
+                                                 (dims or {}).get(path)))
         return new
 
     def _wrap(self, new: Mapping[str, NewLayer]) -> None:
         for path, parts in new.items():
-            layer = LoraLayer(self._modules[path], self.selection, parts.kind, parts.lora_A, parts.lora_B)
-            self._set(path, layer)
+            if parts.kind == "experts":
+                layer = self._wrap_expert(path, parts)
+            else:
+                cls = EmbeddingLoraLayer if parts.kind == "embedding" else LoraLayer
+                layer = cls(self._modules[path], self.selection, parts.kind, parts.lora_A, parts.lora_B)
+                layer.tied = path in self._info.tied or path in self._info.tied.values()
+                self._set(path, layer)
             self.layers[path] = layer
+        for head, owner in self._info.tied.items():  # a tied head shows the embedding's token rows in its logits
+            layer, embedding = self.layers.get(head), self.layers.get(owner)
+            if isinstance(layer, LoraLayer) and isinstance(embedding, EmbeddingLoraLayer) and \
+                    layer.output_rows is None:
+                layer.output_rows = OutputRows(embedding)
         if new:
             self._reads.clear()
+
+    def _wrap_expert(self, path: str, parts: NewLayer) -> ExpertParamLayer:
+        owner_path, _, name = path.rpartition(".")
+        module = self._experts.get(owner_path)
+        if module is None:
+            module = self._experts[owner_path] = ExpertsModule(self._modules[owner_path], self.selection)
+            self._set(owner_path, module)
+        info = self._info.layers[path]
+        layer = ExpertParamLayer(module.base_layer, name, self.selection, parts.lora_A, parts.lora_B,
+                                 experts=info.experts, transposed=info.transposed)
+        module.params[name] = layer
+        return layer
 
     def _load_replacements(self, slot: int, adapter: Adapter) -> frozenset[str]:
         for module in self._replaced.values():
@@ -480,14 +554,16 @@ class AdapterRuntime:
     @contextlib.contextmanager
     def _unwrapped(self) -> Iterator[None]:
         """Temporarily the plain model (with merged weights, and replaced modules in place), for saving."""
-        for path, layer in self.layers.items():
+        wrapped = {path: layer for path, layer in self.layers.items() if not isinstance(layer, ExpertParamLayer)}
+        wrapped.update(self._experts)
+        for path, layer in wrapped.items():
             self._set(path, layer.base_layer)
         for path, module in self._replaced.items():
             self._set(path, module.variants[str(module.pinned)] if module.pinned is not None else module.original)
         try:
             yield
         finally:
-            for path, layer in self.layers.items():
+            for path, layer in wrapped.items():
                 self._set(path, layer)
             for path, module in self._replaced.items():
                 self._set(path, module)

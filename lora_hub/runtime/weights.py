@@ -79,3 +79,28 @@ def _merge_4bit(layer: nn.Module, delta: torch.Tensor) -> Snapshot:
                                      compress_statistics=weight.compress_statistics,
                                      quant_storage=weight.quant_storage).to(weight.device)
     return snapshot
+
+
+def replace_attribute(holder: Any, name: str, value: Any) -> Snapshot:
+    """Sets holder.<name> to `value` (a new parameter: for weights shared with another layer, or of another shape),
+    keeping the old object to put back."""
+    snapshot = Snapshot(attributes=[(holder, name, getattr(holder, name))])
+    setattr(holder, name, value)
+    return snapshot
+
+
+def dequantized(layer: nn.Module, kind: str) -> torch.Tensor:
+    """The weight of a quantized layer as floats (as stored, (out, in)): int8 codes times their row scales, or the
+    4-bit weight dequantized with its state."""
+    if kind == "int8":
+        import bitsandbytes.functional as bnbf
+
+        state = layer.state
+        codes = state.CB if state.CB is not None else layer.weight.data
+        scales = state.SCB if state.SCB is not None else layer.weight.SCB
+        return bnbf.int8_vectorwise_dequant(codes, scales)
+    if kind == "4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(layer.weight.data, copy.deepcopy(layer.weight.quant_state))
+    return layer.weight
