@@ -101,14 +101,18 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
               help="For loralib checkpoints of Conv1D (GPT-2) bases, when --base is not given.")
 @click.option("--force", is_flag=True, help="Read a lora-hub file whose bytes fail its checksum anyway; the output "
                                             "keeps the mismatching checksum, so it stays flagged as corrupt.")
+@click.option("--initial", type=click.Path(exists=True), help="The initial adapter PEFT saved before training a "
+              "base-modifying init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): converts it to its plain equivalent.")
 def convert(source: str, output: str, target: str, base: str | None, allow_pickle: bool, alpha: float | None,
-            rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None, force: bool) -> None:
+            rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None, force: bool,
+            initial: str | None) -> None:
     """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib) to OUTPUT."""
     start = time.perf_counter()
     adapter = lora_hub.convert_adapter(source, base=base, allow_pickle=allow_pickle, alpha=alpha, r=rank,
-                                       enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out, force=force)
+                                       enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out, force=force,
+                                       initial=initial)
     if target == "peft":
-        written = lora_hub.to_peft(adapter, output)
+        written = lora_hub.to_peft(adapter, output, base=base)
     else:
         if Path(output).is_dir():
             raise click.BadParameter(f"'{output}' is a folder; give a file name (or use --to peft)",
@@ -129,13 +133,16 @@ def convert(source: str, output: str, target: str, base: str | None, allow_pickl
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
 @click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
+@click.option("--initial", type=click.Path(exists=True), help="The initial adapter of a base-modifying init "
+              "(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), as PEFT saves it before training.")
 def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str | None, as_json: bool, strict: bool,
-             allow_pickle: bool, alpha: float | None) -> int:
+             allow_pickle: bool, alpha: float | None, initial: str | None) -> int:
     """Check adapter files before they touch a model: one verdict per PATH, one line per finding.
 
     Exit status: 0 when every file is valid, 1 when any has an error (or a warning, with --strict)."""
+    extra = {"initial": initial} if initial else {}
     reports = [lora_hub.validate(path, base=base, level=level, profile=profile, allow_pickle=allow_pickle,
-                                 alpha=alpha) for path in paths]
+                                 alpha=alpha, **extra) for path in paths]
     failed = [r for r in reports if r.errors or (strict and r.warnings)]
     if as_json:
         echo(json.dumps([r.to_dict() for r in reports], indent=2))

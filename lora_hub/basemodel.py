@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .adapter import AdapterConfig, BaseModelRef, ModuleSpec
 from .errors import BaseModelError, BaseModelMismatchError, FanInFanOutCorrectedWarning
@@ -101,6 +101,15 @@ class BaseModelInfo:
             KeyError: A module is not an adaptable layer of this model.
         """
         return fingerprint({m: self.layers[m].weight_shape for m in modules})
+
+
+@dataclass(frozen=True)
+class LiveBase:
+    """A base model that is live in a runtime: its description, and its original modules by path (the runtime wraps
+    some of them), for converters that read its weights."""
+
+    info: BaseModelInfo
+    modules: Mapping[str, Any]
 
 
 def fingerprint(weight_shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -207,6 +216,8 @@ def describe_base(source: BaseSource, *, task_type: str | None = None) -> BaseMo
 
     if isinstance(source, BaseModelInfo):
         return source
+    if isinstance(source, LiveBase):
+        return source.info
     if isinstance(source, nn.Module):
         return _describe_module(source, name=None)
     name = None
@@ -214,6 +225,50 @@ def describe_base(source: BaseSource, *, task_type: str | None = None) -> BaseMo
         name = os.fspath(source)
         source = _load_config(name)
     return _describe_module(_meta_model(source, task_type), name=name)
+
+
+def read_weights(source: str | os.PathLike[str], names: Iterable[str]) -> dict[str, Any]:
+    """Named tensors of a model's safetensors weights (one file or shards), reading only those: `source` is a model
+    folder or a Hub id already in the local cache (nothing is downloaded, no pickle is opened).
+
+    Raises:
+        BaseModelError: No safetensors weights, or a name they do not hold.
+    """
+    from safetensors import safe_open
+
+    folder = _model_folder(source)
+    index = folder / "model.safetensors.index.json"
+    names = list(names)
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = {name: folder / weight_map[name] for name in names if name in weight_map}
+    elif (folder / "model.safetensors").is_file():
+        files = dict.fromkeys(names, folder / "model.safetensors")
+    else:
+        raise BaseModelError("the base model has no safetensors weights (model.safetensors or its index); a "
+                             "pytorch_model.bin is not unpickled", path=folder)
+    out = {}
+    for name in names:
+        if name not in files:
+            raise BaseModelError(f"the base model's weights have no tensor {name}", path=folder)
+        with safe_open(files[name], framework="pt") as f:
+            if name not in f.keys():
+                raise BaseModelError(f"the base model's weights have no tensor {name}", path=files[name])
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def _model_folder(source: str | os.PathLike[str]) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        return path
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(os.fspath(source), "config.json", local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"no model folder or cached Hub model: {e}", path=os.fspath(source)) from e
+    return Path(config).parent
 
 
 def _load_config(source: str) -> PretrainedConfig:

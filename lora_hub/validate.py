@@ -81,7 +81,7 @@ def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, 
     report = ValidationReport(os.fspath(source), level, profile)
     run = _Validation(report, Path(source))
     if base is not None:
-        convert_options = {"parameter_order_from": base, **convert_options}
+        convert_options = {"reference_base": base, **convert_options}
     if run.guard(lambda: run.read(allow_pickle, convert_options)):
         if level == "full":
             run.guard(run.full_tier)

@@ -194,3 +194,62 @@ def test_eight_bit_bases_match_peft(name: str, made, tmp_path: Path) -> None:
     runtime.unmerge()
     assert all(torch.equal(b, codes[n]) for n, b in model.state_dict().items() if n in codes)
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-4)
+
+
+def _trained_from(init: str, folder: Path, model: torch.nn.Module, **settings) -> tuple[Path, Path]:
+    """A PEFT adapter initialised with `init` (which changes the base weight inside PEFT): its initial state saved as
+    PEFT recommends, then its factors moved as training would, then saved."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
+                                                                     target_modules=LORA_TARGETS["llama"], **settings))
+        peft_model.save_pretrained(folder / "initial")
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.05)
+    peft_model.save_pretrained(folder / "trained")
+    return folder / "trained", folder / "initial"
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_modifying_inits_convert_to_the_equivalent_plain_adapter(init: str, tmp_path: Path, base_dirs) -> None:
+    trained, initial = _trained_from(init, tmp_path, tiny_model("llama"))
+    expected = _logits(PeftModel.from_pretrained(tiny_model("llama"), trained).eval())  # PEFT recomputes W_res
+    plain = lora_hub.attach(tiny_model("llama"))  # read as plain LoRA, it would be far off (as the issue found)
+    with pytest.raises(lora_hub.UnsupportedFeatureError):
+        plain.load("naive", trained, reference_base=None)
+    report = lora_hub.validate(trained)
+    assert not report.ok and report.codes[:1] == ["FEATURE_INIT_NEEDS_BASE"], report.findings
+    for options in ({"base": base_dirs["llama"]}, {"initial": initial}):
+        adapter = lora_hub.convert_adapter(trained, **options)
+        assert {s.r for s in adapter.modules.values()} == {8}  # rank 2r: [A; A0], [B, -B0]
+        model = tiny_model("llama")
+        runtime = lora_hub.attach(model)
+        runtime.load("x", adapter)
+        runtime.use("x")
+        torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-5)
+        exported = lora_hub.to_peft(adapter, tmp_path / f"plain-{len(options)}-{next(iter(options))}")
+        torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_model("llama"), exported).eval()), expected,
+                                   rtol=0, atol=1e-5)
+    model = tiny_model("llama")  # the run time computes the initial factors from the live model itself
+    runtime = lora_hub.attach(model)
+    runtime.load("x", trained)
+    runtime.use("x")
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-5)
+    assert lora_hub.validate(trained, base=base_dirs["llama"]).ok
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "corda", "loftq"])
+def test_inits_that_cannot_be_recomputed_need_the_initial_adapter(init: str, tmp_path: Path, base_dirs) -> None:
+    folder = tmp_path / "adapter"
+    peft_adapter(folder, tiny_model("llama"), target_modules=["q_proj"])
+    import json
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": init}))
+    with pytest.raises(lora_hub.UnsupportedFeatureError) as caught:
+        lora_hub.convert_adapter(folder, base=base_dirs["llama"])
+    assert caught.value.code == "FEATURE_INIT_NEEDS_INITIAL" and "initial adapter" in str(caught.value)
+    report = lora_hub.validate(folder, base=base_dirs["llama"])
+    assert not report.ok and report.codes[:1] == ["FEATURE_INIT_NEEDS_INITIAL"]

@@ -48,7 +48,8 @@ def convert_adapter(
     fan_in_fan_out: bool | None = None,
     verify: bool = True,
     force: bool = False,
-    parameter_order_from: BaseSource | None = None,
+    reference_base: BaseSource | None = None,
+    initial: str | os.PathLike[str] | None = None,
 ) -> Adapter:
     """Reads an adapter in any layout lora-hub knows into an Adapter.
 
@@ -62,8 +63,11 @@ def convert_adapter(
         verify: Check a lora-hub file's bytes against its recorded checksum now (one streamed read). Without it the
             check still happens before anything is written from the adapter (`save_adapter`).
         force: Read a lora-hub file whose bytes fail its checksum anyway (see `verify_checksum`).
-        parameter_order_from: A base model used only to name PEFT expert parameters (target_parameters), when
-            `base` is not given: PEFT names them by the order the model registers them.
+        reference_base: A base model used only to read what a PEFT adapter needs of it when `base` is not given:
+            the order of expert parameters (PEFT names them by it), the weights that a base-modifying init (PiSSA,
+            OLoRA) was computed from.
+        initial: The initial adapter of a base-modifying init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), as PEFT saves
+            it before training: the adapter is converted to its exactly equivalent plain form with its factors.
 
     Raises:
         AdapterNotFoundError, UnsupportedLayoutError, UnknownLayoutError, LfsPointerError, PickleRefusedError,
@@ -81,7 +85,7 @@ def convert_adapter(
         return from_loralib(source, alpha=alpha, r=r, enable_lora=enable_lora,
                             fan_in_fan_out=fan_in_fan_out, base=base, allow_pickle=allow_pickle)
     if detected.layout is not Layout.LORA_HUB:
-        return read_peft(detected, base=base, allow_pickle=allow_pickle, order_from=parameter_order_from)
+        return read_peft(detected, base=base, allow_pickle=allow_pickle, reference=reference_base, initial=initial)
     from ..basemodel import describe_base, fit_to_base
     from ..format import adapter_header, load_adapter, verify_checksum
 

@@ -73,19 +73,27 @@ def from_peft(source: str | os.PathLike[str], *, base: BaseSource | None = None,
 
 
 def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool,
-              order_from: BaseSource | None = None) -> Adapter:
-    """Reads a detected PEFT adapter (see `from_peft`). `order_from`: a base model to name expert parameters by,
-    when `base` is not given (see `convert_adapter`)."""
+              reference: BaseSource | None = None, initial: str | os.PathLike[str] | None = None) -> Adapter:
+    """Reads a detected PEFT adapter (see `from_peft`). `reference`: a base model to read what the adapter needs of
+    it (the order of expert parameters, the initial factors of a base-modifying init) when `base` is not given;
+    `initial`: the initial adapter of a base-modifying init (see `convert_adapter`)."""
     from ..basemodel import describe_base, fit_to_base
 
     config = detected.peft_config
     tensors = load_weights(detected.weights, detected.kind, allow_pickle=allow_pickle, header=detected.header)
+    known = base if base is not None else reference
     info = describe_base(base, task_type=config.get("task_type")) if base is not None else None
-    if info is None and order_from is not None and config.get("target_parameters"):
-        info = describe_base(order_from, task_type=config.get("task_type"))
+    if info is None and reference is not None and config.get("target_parameters"):
+        info = describe_base(reference, task_type=config.get("task_type"))
     try:
         adapter = peft_state_to_adapter(config, tensors,
                                         parameter_order=list(info.parameters) if info is not None else None)
+        if adapter.peft_init is not None:
+            from .inits import undo_init, weight_reader
+
+            first = _factors_as_saved(initial, allow_pickle) if initial is not None else None
+            adapter = undo_init(adapter, adapter.peft_init, initial=first,
+                                weight=weight_reader(known) if known is not None else None)
     except LoraHubError as e:
         e.locate(detected.weights)
         raise
@@ -93,6 +101,16 @@ def read_peft(detected: Detected, *, base: BaseSource | None, allow_pickle: bool
         adapter = adapter.derived(fit_to_base(adapter.config, info), adapter.tensors)
     adapter.source = os.fspath(detected.weights)
     return adapter
+
+
+def _factors_as_saved(source: str | os.PathLike[str], allow_pickle: bool) -> Adapter:
+    """A PEFT adapter's factors as they are in its file, not converted (the initial adapter of a base-modifying
+    init)."""
+    detected = detect_layout(source)
+    if detected.peft_config is None:
+        raise ConversionError(f"the initial adapter must be a PEFT adapter, not {detected.description}", path=source)
+    tensors = load_weights(detected.weights, detected.kind, allow_pickle=allow_pickle, header=detected.header)
+    return peft_state_to_adapter(detected.peft_config, tensors)
 
 
 def peft_state_to_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *,

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import constants as C
 from ..adapter import Adapter, AdapterConfig
-from ..basemodel import describe_base
+from ..basemodel import LiveBase, describe_base
 from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
 from ..validate import check_base
@@ -387,14 +387,20 @@ class AdapterRuntime:
                     raise ValueError(f"'{seen[module]}' and '{name}' both replace '{module}': they cannot be stacked")
                 seen[module] = name
 
-    @staticmethod
-    def _convert(source, allow_pickle: bool, options: dict) -> Adapter:
+    def _convert(self, source, allow_pickle: bool, options: dict) -> Adapter:
         from ..convert import convert_adapter
         from ..hub import locate
 
         # Loading never writes an adapter, so a lora-hub file's checksum is not re-hashed on every load (a hot swap
-        # would pay a full hash); pass verify=True to check it, as pull and validate do.
-        return convert_adapter(locate(source), allow_pickle=allow_pickle, **{"verify": False, **options})
+        # would pay a full hash); pass verify=True to check it, as pull and validate do. The live model is the
+        # reference for what a PEFT adapter needs of its base (expert order, a base-modifying init's factors).
+        options = {"verify": False, "reference_base": self._reference, **options}
+        return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
+
+    @property
+    def _reference(self) -> LiveBase:
+        """The model as it was before wrapping: its description and original modules, for reading a base."""
+        return LiveBase(self._info, self._modules)
 
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()
