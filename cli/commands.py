@@ -128,7 +128,7 @@ def convert(source: str, output: str, target: str, base: str | None, allow_pickl
 @click.option("--level", type=click.Choice(["header", "full"]), default="full", show_default=True,
               help="header reads only the header; full also streams every tensor's contents.")
 @click.option("--profile", type=click.Choice(["peft", "vllm", "lora-hub"]),
-              help="Also check that the file will work there (lora-hub: strict format v1).")
+              help="Also check that the file will work there (spec/PROFILES.md; lora-hub: the strict format).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON array.")
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")

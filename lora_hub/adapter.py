@@ -484,7 +484,7 @@ class AdapterConfig:
 
 
 CONFIG_KEYS = frozenset(f.name for f in fields(AdapterConfig))
-"""The keys of the config document that format v1 defines (FORMAT.md section 6): one source for the reader, the
+"""The keys of the config document that the format defines (FORMAT.md section 6): one source for the reader, the
 writer, the strict profile, the JSON schema and the spec's tables (tests keep the last two equal to it)."""
 MODULE_KEYS = frozenset(f.name for f in fields(ModuleSpec))
 """The keys of a module entry (FORMAT.md section 6)."""

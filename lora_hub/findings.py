@@ -203,8 +203,42 @@ CATALOGUE: dict[str, Code] = {
                                 "Write the folder again: lora-hub convert FILE -o DIR --to peft."),
     "PEFT_CONFIG_ABSENT": Code(WARN, "A lora-hub file alone: PeftModel needs adapter_config.json beside it.",
                                "lora-hub convert FILE -o DIR --to peft (or push it) writes one."),
-    "VLLM_MODULES_TO_SAVE": Code(ERR, "vLLM does not load modules_to_save (replaced heads).",
-                                 "Merge the head into the base model, or serve with PEFT."),
+    "PEFT_CANNOT_EXPRESS": Code(ERR, "The adapter combines features that PEFT's adapter_config.json cannot express "
+                                     "(DoRA on some layers only, DoRA or lora_bias beside embedding or expert "
+                                     "modules): no PEFT folder loads it with the same result.",
+                                "Apply it with lora-hub, or convert the layers apart."),
+    "PEFT_RESIZE_EMBEDDINGS": Code(WARN, "The adapter brings embedding matrices over another vocabulary size than the "
+                                         "base model's: PeftModel loads it only into a base resized to match.",
+                                   "Call resize_token_embeddings(N) on the base model first (lora-hub's run time "
+                                   "does the equivalent itself)."),
+    "VLLM_MODULES_TO_SAVE": Code(ERR, "vLLM loads no modules_to_save but one classification head (classifier or "
+                                      "score, stored as <head>.weight and .bias).",
+                                 "Merge the replaced modules into the base model, or serve with PEFT."),
+    "VLLM_DORA": Code(ERR, "vLLM does not serve DoRA.",
+                      "Serve it with PEFT or lora-hub, or merge it into the base weights and serve that model."),
+    "VLLM_LORA_BIAS": Code(ERR, "vLLM does not serve lora_bias (a bias on lora_B).",
+                           "Serve it with PEFT or lora-hub, or merge it into the base weights."),
+    "VLLM_TRAINABLE_TOKENS": Code(ERR, "vLLM does not read trainable tokens (trainable_token_indices).",
+                                  "Serve it with PEFT or lora-hub, or write the rows into the base model's "
+                                  "embedding."),
+    "VLLM_INIT": Code(ERR, "The PEFT folder declares a base-modifying init_lora_weights (PiSSA, OLoRA, CorDA, "
+                           "LoftQ), which vLLM refuses; lora-hub read it as its equivalent plain adapter.",
+                      "Serve the converted folder: lora-hub convert SOURCE -o DIR --to peft --base BASE (or "
+                      "--initial)."),
+    "VLLM_EXPERTS": Code(WARN, "LoRA on expert parameters in PEFT's 3-D layout: vLLM takes it as stored only for the "
+                               "models it keeps with 3-D expert weights (gpt-oss, Qwen3-VL-MoE, Qwen3.5-MoE and a few "
+                               "more).",
+                         "For other MoE models (Mixtral, Qwen3-MoE) start vLLM with --enable-mixed-moe-lora-format "
+                         "and send is_3d_lora_weight=true with the LoRA request."),
+    "VLLM_BASE_WEIGHTS": Code(WARN, "The adapter brings embedding matrices (embed_tokens or lm_head base_layer "
+                                    "weights) that vLLM skips, serving the base model's own; they were not compared "
+                                    "with the base model's.",
+                              "Validate with --base pointing at the base model's weights."),
+    "VLLM_BASE_WEIGHTS_DIFFER": Code(ERR, "The embedding matrices the adapter brings differ from the base model's "
+                                          "(values, or a resized vocabulary): vLLM skips them or refuses the adapter, "
+                                          "so it cannot give PeftModel's result.",
+                                     "Save a base model with these matrices and serve the adapter on it, or serve "
+                                     "with PEFT or lora-hub."),
     "VLLM_ENABLE_LORA": Code(ERR, "vLLM has no enable_lora.", "Export to PEFT first (lora-hub convert --to peft)."),
     "VLLM_RANK": Code(ERR, "A rank above 512, vLLM's largest --max-lora-rank.",
                       "Reduce the rank (lora-hub merge --rank)."),
@@ -212,10 +246,11 @@ CATALOGUE: dict[str, Code] = {
                                "Start vLLM with at least this --max-lora-rank."),
     "LORA_HUB_NOT_CANONICAL": Code(WARN, "The file is valid but not in canonical form (spec/FORMAT.md 16).",
                                    "Re-save it with lora-hub."),
-    "LORA_HUB_UNKNOWN_KEY": Code(WARN, "Config or metadata keys that format v1 does not define (readers ignore them).",
+    "LORA_HUB_UNKNOWN_KEY": Code(WARN, "Config or metadata keys that the format does not define (readers ignore "
+                                       "them).",
                                  "Remove them, or re-save with lora-hub."),
-    "LORA_HUB_CHECKSUM_ABSENT": Code(WARN, "Strict v1 expects tensors_sha256.", "Re-save it with lora-hub."),
-    "LORA_HUB_BASE_UNDECLARED": Code(WARN, "Strict v1 expects the base model and its fingerprint.",
+    "LORA_HUB_CHECKSUM_ABSENT": Code(WARN, "The strict profile expects tensors_sha256.", "Re-save it with lora-hub."),
+    "LORA_HUB_BASE_UNDECLARED": Code(WARN, "The strict profile expects the base model and its fingerprint.",
                                      "Convert with --base."),
 }
 

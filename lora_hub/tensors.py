@@ -225,6 +225,10 @@ class RenamedTensors(Mapping[str, "torch.Tensor"]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[self._names[name]]
 
+    def original(self, name: str) -> str:
+        """The name a tensor has in the mapping underneath."""
+        return self._names[name]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

@@ -5,7 +5,7 @@
     header  structure, limits, metadata, config, tensor index          reads the header only
     full    tensor contents streamed in bounded chunks (NaN/Inf, untrained modules, outliers, checksum)
     base    every module exists in the base model and fits it           config.json on the meta device
-    profile whether the file will work where it is headed               peft, vllm, lora-hub (strict v1)
+    profile whether the file will work where it is headed               peft, vllm, lora-hub (spec/PROFILES.md)
 
 Every problem is a `Finding` with a stable code (lora_hub.findings, spec/CODES.md). `validate` does not raise for a
 bad file: what stops one tier is a finding, and the other tiers still run where they can.
@@ -31,8 +31,10 @@ from .errors import LoraHubError, LoraHubWarning
 from .findings import Finding, ValidationReport
 from .format import AdapterHeader, SafetensorsHeader, adapter_header, is_canonical, read_header
 from .jsontext import strict_loads
+from .tensors import RenamedTensors
 
 if TYPE_CHECKING:
+    from .adapter import Adapter
     from .basemodel import BaseModelInfo, BaseSource
 
 Level = Literal["header", "full"]
@@ -44,6 +46,10 @@ OUTLIER_RATIO = 100.0
 is reported as MAGNITUDE_OUTLIER; adapters with fewer than 4 modules have no distribution to compare with."""
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks)."""
+VLLM_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+"""The string values of init_lora_weights that vLLM accepts (vllm/lora/peft_helper.py); true and false too."""
+VLLM_HEADS = ("classifier", "score")
+"""The modules to save that vLLM loads (a classification model's head)."""
 _LISTED = 5
 """Findings about more modules than this are given as one finding with a count."""
 _METADATA_KEYS = frozenset({C.METADATA_FORMAT, C.METADATA_FORMAT_VERSION, C.METADATA_CONFIG, C.METADATA_FEATURES})
@@ -59,7 +65,8 @@ def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, 
             local cache, a config or a loaded model); adds the base tier.
         level: "header" reads only the header (its cost does not grow with the file); "full" also streams every
             tensor's contents in bounded chunks.
-        profile: Also check that the file will work in "peft" (PeftModel), "vllm", or as strict "lora-hub" v1.
+        profile: Also check that the file will work in "peft" (PeftModel) or "vllm", or that it is a strict
+            "lora-hub" file (spec/PROFILES.md).
         allow_pickle: Open pickle checkpoints (weights_only, on the CPU); without it they get PICKLE_REFUSED.
         convert_options: For layouts that need them, such as loralib's alpha (see `convert_adapter`).
 
@@ -217,6 +224,17 @@ class _Validation(_Findings):
         self.tensors: Mapping | None = None  # in-memory tensors, for layouts that are not safetensors
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.adapter_header: AdapterHeader | None = None
+        self.converted: Adapter | None = None  # what convert_adapter read, for layouts other than lora-hub
+        self.base_source: BaseSource | None = None
+        self.base_info: BaseModelInfo | None = None
+
+    def adapter(self) -> Adapter:
+        """The adapter with its tensors (read on access)."""
+        if self.converted is None:
+            from .format import load_adapter
+
+            self.converted = load_adapter(self.adapter_header)
+        return self.converted
 
     def guard(self, step: Callable[[], Any]) -> bool:
         """Runs one tier; what stops it becomes a finding. Returns whether it completed."""
@@ -235,7 +253,7 @@ class _Validation(_Findings):
     # --- header tier -------------------------------------------------------------------------------------------
 
     def read(self, allow_pickle: bool, convert_options: dict[str, Any]) -> None:
-        if self.report.profile == "lora-hub" and self.source.is_file():  # strict v1: the format reader decides
+        if self.report.profile == "lora-hub" and self.source.is_file():  # strict: the format reader decides
             detected = self.detected = Detected(Layout.LORA_HUB, self.source, None, FileKind.SAFETENSORS)
         else:
             detected = self.detected = detect_layout(self.source)
@@ -267,7 +285,7 @@ class _Validation(_Findings):
             for warning in caught:
                 if issubclass(warning.category, LoraHubWarning):
                     self.add(warning.category.code, str(warning.message))
-            self.config = adapter.config
+            self.config, self.converted = adapter.config, adapter
             self.shapes = adapter.tensor_shapes()
             if detected.kind is FileKind.SAFETENSORS:
                 self.header = detected.header
@@ -320,6 +338,8 @@ class _Validation(_Findings):
         else:
             result = scan_tensors(self.tensors)
         stats = result.stats
+        if self.converted is not None and isinstance(self.converted.tensors, RenamedTensors):
+            stats = {name: stats[self.converted.tensors.original(name)] for name in self.converted.tensors}
         for name, s in stats.items():
             if s.nonfinite:
                 self.add("NON_FINITE", f"{s.nonfinite:,} of {s.numel:,} values are NaN or Inf", tensor=name)
@@ -350,7 +370,8 @@ class _Validation(_Findings):
         from .basemodel import describe_base
 
         self.report.tiers.append("base")
-        info = describe_base(base, task_type=self.config.task_type)
+        info = self.base_info = describe_base(base, task_type=self.config.task_type)
+        self.base_source = base
         for finding in check_base(self.config, info, self.shapes,
                                   from_lora_hub=self.detected.layout is Layout.LORA_HUB):
             self.report.findings.append(replace(finding, file=self.file))
@@ -358,24 +379,144 @@ class _Validation(_Findings):
     # --- profiles ----------------------------------------------------------------------------------------------
 
     def profile_peft(self) -> None:
-        merged = [m for m, s in self.config.modules.items() if s.enable_lora is not None]
+        config = self.config
+        merged = [m for m, s in config.modules.items() if s.enable_lora is not None]
         self.add_each("PEFT_ENABLE_LORA", merged, lambda m: f"'{m}' uses enable_lora")
-        if self.detected.layout is Layout.LORA_HUB and not (self.detected.weights.parent / PEFT_CONFIG).is_file():
-            self.add("PEFT_CONFIG_ABSENT", f"no {PEFT_CONFIG} beside the file")
+        if self.detected.layout is Layout.LORA_HUB:
+            from .convert.peft_export import peft_config
+            from .errors import ConversionError
+
+            if not (self.detected.weights.parent / PEFT_CONFIG).is_file():
+                self.add("PEFT_CONFIG_ABSENT", f"no {PEFT_CONFIG} beside the file")
+            plain = {m: s for m, s in config.modules.items() if s.enable_lora is None}
+            try:
+                peft_config(replace(config, modules=plain))
+            except ConversionError as e:
+                self.add("PEFT_CANNOT_EXPRESS", e.message)
+        for module, (theirs, ours) in self.resized_vocabularies().items():
+            self.add("PEFT_RESIZE_EMBEDDINGS", f"'{module}' brings a vocabulary of {ours} rows, the base has "
+                                               f"{theirs}: call resize_token_embeddings({ours}) on the base model "
+                                               f"before PeftModel.from_pretrained", module=module)
 
     def profile_vllm(self) -> None:
+        """What vLLM 0.33's loader does with the PEFT folder this is (or that `to_peft` writes from it):
+        PEFTHelper.validate_legal, then LoRAModel.from_local_checkpoint (spec/PROFILES.md)."""
         config = self.config
-        if config.modules_to_save:
-            self.add("VLLM_MODULES_TO_SAVE", f"modules_to_save: {', '.join(config.modules_to_save)}",
-                     module=config.modules_to_save[0])
+        self.vllm_modules_to_save()
+        for code, flag, what in (("VLLM_DORA", "dora", "DoRA"), ("VLLM_LORA_BIAS", "bias", "lora_bias")):
+            found = [m for m, s in config.modules.items() if getattr(s, flag)]
+            self.add_each(code, found, lambda m, what=what: f"'{m}' uses {what}")
+        for module in config.trainable_tokens:
+            self.add("VLLM_TRAINABLE_TOKENS", f"'{module}' has trainable tokens", module=module)
+        peft = self.detected.peft_config if self.detected.layout is Layout.PEFT else None
+        init = peft.get("init_lora_weights") if peft else None
+        if isinstance(init, str) and init.lower() not in VLLM_PLAIN_INITS:
+            self.add("VLLM_INIT", f"the folder declares init_lora_weights={init!r}, which vLLM refuses; lora-hub read "
+                                  "it as the equivalent plain adapter, which a converted folder carries")
+        experts = [m for m, s in config.modules.items() if s.kind == "experts"]
+        if experts:
+            self.add("VLLM_EXPERTS", f"{len(experts)} expert parameters (first: '{experts[0]}')", module=experts[0])
+        self.vllm_base_weights()
         merged = [m for m, s in config.modules.items() if s.enable_lora is not None]
         self.add_each("VLLM_ENABLE_LORA", merged, lambda m: f"'{m}' uses enable_lora")
-        rank = max(s.r * s.groups for s in config.modules.values())
+        if peft is not None:  # vLLM reads the ranks the config declares, not the tensors'
+            patterns = peft.get("rank_pattern") or {}
+            rank = max([peft["r"], *patterns.values()])
+        else:
+            rank = max(s.r * s.groups for s in config.modules.values())
         if rank > VLLM_MAX_LORA_RANKS[-1]:
             self.add("VLLM_RANK", f"the largest rank is {rank}")
         else:
             needed = VLLM_MAX_LORA_RANKS[bisect.bisect_left(VLLM_MAX_LORA_RANKS, rank)]
             self.add("VLLM_MAX_LORA_RANK", f"the largest rank is {rank}: serve with --max-lora-rank {needed} or more")
+
+    def vllm_modules_to_save(self) -> None:
+        """vLLM loads one replaced module, a classification head named classifier or score, stored as
+        `<head>.weight` (and `.bias`)."""
+        config = self.config
+        saved = {config.replacement_owner(n) for n in self.shapes} - {None}
+        heads = sorted(m for m in saved if m.rsplit(".", 1)[-1] in VLLM_HEADS)
+        others = [m for m in config.modules_to_save if m.rsplit(".", 1)[-1] not in VLLM_HEADS]
+        if others:
+            self.add("VLLM_MODULES_TO_SAVE", f"modules_to_save: {', '.join(others)}", module=others[0])
+        elif len(heads) > 1:
+            self.add("VLLM_MODULES_TO_SAVE", f"{len(heads)} classification heads ({', '.join(heads)}): vLLM loads one",
+                     module=heads[1])
+        else:
+            nested = [n for n in self.shapes if config.replacement_owner(n) in heads
+                      and n.rsplit(".", 2)[-2] not in VLLM_HEADS]
+            if nested:
+                self.add("VLLM_MODULES_TO_SAVE", "the classification head has parameters below it, which vLLM does "
+                                                 "not read", tensor=nested[0])
+
+    def vllm_base_weights(self) -> None:
+        """vLLM skips the embedding matrices an adapter brings (`*.embed_tokens.base_layer.weight`,
+        `*.lm_head.base_layer.weight`) and serves the base model's own: the result is PeftModel's only when they
+        are the base model's."""
+        brought = [m for m, s in self.config.modules.items() if s.replaces_base]
+        if not brought:
+            return
+        resized = self.resized_vocabularies()
+        for module, (theirs, ours) in resized.items():
+            self.add("VLLM_BASE_WEIGHTS_DIFFER", f"'{module}' brings a vocabulary of {ours} rows, the base has "
+                                                 f"{theirs}", module=module)
+        unchecked = []
+        for module in brought:
+            if module in resized:
+                continue
+            same = self.same_as_base(module)
+            if same is None:
+                unchecked.append(module)
+            elif not same:
+                self.add("VLLM_BASE_WEIGHTS_DIFFER", f"'{module}' brings a weight that differs from the base "
+                                                     "model's", module=module)
+        if unchecked:
+            self.add("VLLM_BASE_WEIGHTS", f"{', '.join(unchecked)}: vLLM serves the base model's own weights; give "
+                                          "--base with its weights to check that they are the same",
+                     module=unchecked[0])
+
+    def resized_vocabularies(self) -> dict[str, tuple[int, int]]:
+        """Modules whose brought base weight has another vocabulary size than the base (base tier only):
+        module -> (the base's rows, the adapter's rows)."""
+        if self.base_info is None:
+            return {}
+        out = {}
+        for module, spec in self.config.modules.items():
+            layer = self.base_info.layers.get(module)
+            if not spec.replaces_base or layer is None or layer.kind not in ("embedding", "linear"):
+                continue
+            index = 0 if spec.kind == "embedding" else 1  # vocabulary: in of an embedding, out of a projection
+            ours = (spec.in_features, spec.out_features)[index]
+            theirs = (layer.in_features, layer.out_features)[index]
+            if ours != theirs:
+                out[module] = (theirs, ours)
+        return out
+
+    def same_as_base(self, module: str) -> bool | None:
+        """Whether the base weight the adapter brings for `module` equals the base model's, or None when the base
+        given has no weights to compare with."""
+        import torch
+
+        from .basemodel import LiveBase, read_weights
+        from .errors import BaseModelError
+
+        owner = self.base_info.tied.get(module, module) if self.base_info is not None else module
+        base = self.base_source
+        try:
+            if isinstance(base, LiveBase):
+                theirs = base.modules[owner].weight
+            elif isinstance(base, torch.nn.Module):
+                theirs = base.get_submodule(owner).weight
+            elif isinstance(base, (str, os.PathLike)):
+                theirs = read_weights(base, [f"{owner}.weight"])[f"{owner}.weight"]
+            else:
+                return None
+        except (BaseModelError, AttributeError, KeyError, OSError):
+            return None
+        ours = self.adapter().base_weight(module)
+        if theirs.is_meta or tuple(theirs.shape) != tuple(ours.shape):
+            return None if theirs.is_meta else False
+        return torch.equal(ours, theirs.detach().to(device=ours.device, dtype=ours.dtype))
 
     def profile_lora_hub(self) -> None:
         if self.detected.layout is not Layout.LORA_HUB:
@@ -392,7 +533,7 @@ class _Validation(_Findings):
         unknown += sorted({f"modules.*.{k}" for entry in document["modules"].values() for k in entry
                            if k not in MODULE_KEYS})
         if unknown:
-            self.add("LORA_HUB_UNKNOWN_KEY", f"keys not in format v1: {', '.join(unknown[:8])}")
+            self.add("LORA_HUB_UNKNOWN_KEY", f"keys the format does not define: {', '.join(unknown[:8])}")
         if config.tensors_sha256 is None:
             self.add("LORA_HUB_CHECKSUM_ABSENT", "no tensors_sha256")
         if config.base_model is None or not config.base_model.name or not config.base_model.fingerprint:

@@ -12,41 +12,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lora_hub
 from lora_hub.testing import LORA_TARGETS, tiny_model
+from tests.peft_cases import BUILDERS, peft_adapter
 
 TOKENS = torch.randint(0, 120, (3, 6), generator=torch.Generator().manual_seed(1))
 
-
-def _moe(model_type: str, **extra):
-    def build() -> torch.nn.Module:
-        config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=128, **extra)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return AutoModelForCausalLM.from_config(config).eval()
-    return build
-
-
-def _resized() -> torch.nn.Module:
-    model = tiny_model("llama")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        model.resize_token_embeddings(130)
-    return model
-
-
-BUILDERS = {
-    "llama": lambda: tiny_model("llama"),
-    "tied": lambda: tiny_model("llama", tie_word_embeddings=True),
-    "gpt2": lambda: tiny_model("gpt2"),
-    "resized": _resized,
-    "mixtral": _moe("mixtral", num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": _moe("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
-}
 
 CASES = {  # name: (the base lora-hub runs on, the base PEFT trains and runs on, LoraConfig settings)
     "embedding": ("llama", "llama", dict(target_modules=["embed_tokens", "q_proj", "v_proj"])),
@@ -73,20 +46,6 @@ FEATURES = {"embedding": ("base_weights", "embedding"), "lm_head": ("base_weight
             "experts_mixtral": ("experts",), "experts_qwen3_moe": ("experts",), "layer_and_rank_patterns": ()}
 
 
-def peft_adapter(folder: Path, model: torch.nn.Module, *, seed: int = 0, **settings) -> Path:
-    """A PEFT adapter saved by PEFT: random factors, then moved further as a training step would."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        settings.setdefault("init_lora_weights", False)
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, **settings))
-        with torch.no_grad():
-            for name, parameter in peft_model.named_parameters():
-                if "lora_" in name or "trainable_tokens" in name:
-                    parameter.add_(torch.randn_like(parameter) * 0.3)
-    peft_model.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Per case: the PEFT adapter folder and the base model folder PEFT trained on."""
@@ -111,6 +70,7 @@ def test_peft_round_trip_is_bit_exact(name: str, made, tmp_path: Path) -> None:
     assert adapter.config.features == FEATURES[name]
     saved = lora_hub.save_adapter(adapter, tmp_path / "adapter.safetensors")
     assert lora_hub.validate(saved, base=base, profile="lora-hub").ok
+    assert lora_hub.validate(saved, base=base, profile="peft").ok  # and PeftModel loads the export, below
     exported = lora_hub.to_peft(lora_hub.load_adapter(saved), tmp_path / "exported", base=base)
     before, after = load_file(source / "adapter_model.safetensors"), load_file(exported / "adapter_model.safetensors")
     assert before.keys() == after.keys()

@@ -181,6 +181,11 @@ def _check_peft_types(config: Mapping[str, Any], path: Path) -> None:
             raise PeftConfigError(f"'{key}' must be {expected}, got {json.dumps(value)[:80]}", path=path)
 
 
+_PEFT_SUFFIXES = (C.LORA_A_SUFFIX, C.LORA_B_SUFFIX, ".lora_embedding_A", ".lora_embedding_B",
+                  ".token_adapter.trainable_tokens_delta")
+"""The tensor names that only PEFT writes (under its base_model.model. prefix)."""
+
+
 def classify_names(names: Iterable[str]) -> str | None:
     """The layout that tensor names follow: 'peft', 'loralib', 'diffusers', 'kohya', or None when unrecognised."""
     names = list(names)
@@ -189,7 +194,7 @@ def classify_names(names: Iterable[str]) -> str | None:
     if any(".processor." in n or n.startswith(("unet.", "text_encoder.")) or "transformer_blocks." in n
            for n in names):
         return "diffusers"
-    if any(n.endswith((C.LORA_A_SUFFIX, C.LORA_B_SUFFIX)) and n.startswith(C.TENSOR_PREFIX) for n in names):
+    if any(n.endswith(_PEFT_SUFFIXES) and n.startswith(C.TENSOR_PREFIX) for n in names):
         return "peft"
     if any(n.endswith((".lora_A", ".lora_B")) for n in names):
         return "loralib"

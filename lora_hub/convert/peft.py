@@ -255,6 +255,7 @@ _SUFFIXES = ((C.LORA_A_SUFFIX, "A"), (C.LORA_B_SUFFIX, "B"), (".lora_B.bias", "b
              (".lora_embedding_A", "EA"), (".lora_embedding_B", "EB"), (".lora_magnitude_vector", "M"),
              (".lora_magnitude_vector.weight", "M"))
 _TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+_MHA_OUT_PROJ = ".base_layer.out_proj"
 
 
 class _Parts(NamedTuple):
@@ -298,6 +299,12 @@ def _split_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, A
                                           f". {refusal.fix}", code=refusal.code, tensor=name)
         else:
             others[path] = name
+    for module in modules:
+        if module.endswith(_MHA_OUT_PROJ):  # PEFT's MultiheadAttention wrapper keeps out_proj's LoRA inside it
+            refusal, owner = REFUSALS["mha"], module[:-len(_MHA_OUT_PROJ)]
+            raise UnsupportedFeatureError(f"module '{owner}' is {refusal.feature} (its out_proj's LoRA is saved as "
+                                          f"'{module}'): lora-hub does not carry it, because {refusal.why}. "
+                                          f"{refusal.fix}", code=refusal.code, module=owner)
     for module, name in base_weights.items():
         if module not in modules:  # a base_layer weight beside no LoRA module: wrapper state, not an embedding
             raise ModuleConflictError(f"{name} is PEFT wrapper state of a module without LoRA tensors; retrain "
