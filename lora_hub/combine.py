@@ -7,6 +7,12 @@ itself: `cat` and `linear` exactly (rank = the sum of the ranks), `svd`, `ties`,
 (and LoRAX's) versions, which combine the A and B factors separately: not a linear combination of the updates (the
 cross terms B_i A_j remain), and only for equal ranks; they are kept for compatibility and reproduce PEFT's output.
 
+Features (spec/FORMAT.md): embedding modules combine like linear ones (their update is a matrix too); lora_bias
+adds up (sum of w_i * scaling_i * bias_i) in the exact and SVD methods; embedding matrices and trainable tokens that
+an adapter brings are carried over like modules_to_save, and two sources that bring different ones for one module
+cannot be combined. DoRA and expert parameters are refused by name: a weighted sum of DoRA updates is not a DoRA
+update (each rescales its own adapted weight), and the methods work on 2-D updates.
+
 Sources are read lazily and combined one module at a time, so memory holds one module's deltas, never the model's.
 """
 
@@ -169,6 +175,7 @@ def combine(adapters: Sequence[Adapter | str | os.PathLike[str]], weights: Seque
         raise CombineError("give at least one adapter to combine")
     weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
     _check_arguments(chosen, sources, weights, rank, density, majority_sign)
+    _check_features(chosen, sources)
     if not force:
         _check_bases(sources)
     if isinstance(seed, torch.Generator):
@@ -184,7 +191,8 @@ def combine(adapters: Sequence[Adapter | str | os.PathLike[str]], weights: Seque
         position = {name: i for i, name in enumerate(order)}
         modules.sort(key=lambda m: (position.get(m, len(position)), m))
     replaced = _replacements(sources)
-    tensors: dict[str, torch.Tensor] = dict(replaced[1])
+    tokens, carried = _carried(sources)
+    tensors: dict[str, torch.Tensor] = dict(replaced[1]) | carried
     specs: dict[str, ModuleSpec] = {}
     energies: list[float] = []
     dtype = _output_dtype(sources)
@@ -192,9 +200,13 @@ def combine(adapters: Sequence[Adapter | str | os.PathLike[str]], weights: Seque
         present = [(s, w) for s, w in zip(sources, weights, strict=True) if module in s.modules]
         spec, a, b, report = _combine_module(chosen, module, present, rank, density, majority_sign, generator,
                                              device)
-        specs[module] = spec
-        names = AdapterConfig(modules={module: spec}).lora_tensor_names(module)
-        tensors[names[0]], tensors[names[1]] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        bias = _bias(module, present, device) if any(s.modules[module].bias for s, _ in present) else None
+        brought = any(s.modules[module].replaces_base for s, _ in present)
+        spec = specs[module] = replace(spec, bias=bias is not None, replaces_base=brought)
+        names = spec.tensor_names(module)
+        tensors[names.lora_A], tensors[names.lora_B] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        if bias is not None:
+            tensors[names.bias] = bias.to(dtype).contiguous()
         if report.energy is not None:
             energies.append(report.energy)
         if on_module is not None:
@@ -212,7 +224,8 @@ def combine(adapters: Sequence[Adapter | str | os.PathLike[str]], weights: Seque
         provenance["energy"] = {"min": min(energies), "mean": sum(energies) / len(energies)}
     first = sources[0].config
     config = AdapterConfig(modules=specs, modules_to_save=replaced[0], base_model=_base(first.base_model, specs),
-                           task_type=first.task_type, tags=tuple(sorted({t for s in sources for t in s.config.tags})),
+                           trainable_tokens=tokens, task_type=first.task_type,
+                           tags=tuple(sorted({t for s in sources for t in s.config.tags})),
                            license=first.license if all(s.config.license == first.license for s in sources) else None,
                            provenance=provenance)
     return Adapter(config, tensors)
@@ -264,6 +277,70 @@ def _check_arguments(method: Method, sources: list[Adapter], weights: list[float
         raise CombineError(f"{method.name} does not prune: density applies to ties, dare_*, magnitude_prune")
     if majority_sign not in ("total", "frequency"):
         raise CombineError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
+
+
+def _check_features(method: Method, sources: list[Adapter]) -> None:
+    """Refuses, by name, the features that have no meaning in a combination (see the module docs)."""
+    for i, source in enumerate(sources, 1):
+        for module, spec in source.modules.items():
+            if spec.dora:
+                raise CombineError(f"adapter {i} uses DoRA ('{module}'): DoRA rescales each adapted weight by its own "
+                                   "magnitude, so a weighted sum of DoRA adapters is not a DoRA adapter; apply it "
+                                   "alone (or merge it into the base model first) and combine the others")
+            if spec.kind == "experts":
+                raise CombineError(f"adapter {i} adapts expert parameters ('{module}'), which lora-hub does not "
+                                   "combine into one adapter; stack the adapters at run time instead "
+                                   "(Runtime.use({name: weight, ...}))")
+            if spec.bias and (method.space == "ab" or method.prune is not None):
+                raise CombineError(f"adapter {i} has a lora_bias ('{module}'): {method.name} has no rule for biases; "
+                                   "use cat, linear or svd, where the biases add up with the updates")
+
+
+def _carried(sources: list[Adapter]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """The trainable tokens and the embedding matrices the sources bring, carried into the result unchanged: one
+    source per module for tokens; the same matrix (bit for bit) from every source that brings one."""
+    import torch
+
+    tokens: dict[str, tuple[int, ...]] = {}
+    owners: dict[str, int] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for i, source in enumerate(sources):
+        for module, indices in source.config.trainable_tokens.items():
+            if module in owners:
+                raise CombineError(f"adapters {owners[module] + 1} and {i + 1} both bring trainable tokens for "
+                                   f"'{module}': replaced rows cannot be combined; drop them from one of them")
+            owners[module], tokens[module] = i, indices
+            name = source.config.token_tensor_name(module)
+            tensors[name] = source.tensors[name]
+        for module, spec in source.modules.items():
+            if not spec.replaces_base:
+                continue
+            name = spec.tensor_names(module).base
+            weight = source.tensors[name]
+            if name in tensors and not torch.equal(tensors[name], weight):
+                raise CombineError(f"two adapters bring different embedding matrices for '{module}' (a resized or "
+                                   "changed vocabulary each): they cannot be combined")
+            tensors[name] = weight
+    return tokens, tensors
+
+
+def _bias(module: str, present, device) -> torch.Tensor:
+    """The lora_bias of the combination, at scaling 1: sum of w_i * scaling_i * bias_i."""
+    total = None
+    for adapter, weight in present:
+        bias = adapter.lora_bias(module)
+        if bias is None:
+            continue
+        spec = adapter.modules[module]
+        part = bias.to(device=device, dtype=_compute_dtype(bias)) * (weight * spec.scaling)
+        total = part if total is None else total + part
+    return total
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    import torch
+
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _check_bases(sources: list[Adapter]) -> None:
@@ -319,12 +396,12 @@ def _combine_module(method: Method, module: str, present: list[tuple[Adapter, fl
     specs = [s.modules[module] for s, _ in present]
     first = specs[0]
     for spec in specs[1:]:
-        if (spec.in_features, spec.out_features, spec.fan_in_fan_out) != \
-                (first.in_features, first.out_features, first.fan_in_fan_out):
+        if (spec.in_features, spec.out_features, spec.fan_in_fan_out, spec.kind) != \
+                (first.in_features, first.out_features, first.fan_in_fan_out, first.kind):
             raise CombineError(f"module '{module}': the adapters disagree on its shape or layout "
-                               f"({first.out_features}x{first.in_features}, fan_in_fan_out={first.fan_in_fan_out} vs "
-                               f"{spec.out_features}x{spec.in_features}, fan_in_fan_out={spec.fan_in_fan_out}): "
-                               "they were made for different base models")
+                               f"({first.kind} {first.out_features}x{first.in_features}, fan_in_fan_out="
+                               f"{first.fan_in_fan_out} vs {spec.kind} {spec.out_features}x{spec.in_features}, "
+                               f"fan_in_fan_out={spec.fan_in_fan_out}): they were made for different base models")
     if method.space == "ab":
         return _combine_ab(method, module, present, density, majority_sign, generator, device)
     if method.exact:
@@ -353,7 +430,7 @@ def _factors(adapter: Adapter, module: str, device) -> tuple[torch.Tensor, torch
 def _plain(template: ModuleSpec, r: int) -> ModuleSpec:
     """A plain module of rank r with scaling 1 (alpha = r), on the same base layer."""
     return ModuleSpec(r=r, alpha=r, in_features=template.in_features, out_features=template.out_features,
-                      fan_in_fan_out=template.fan_in_fan_out)
+                      fan_in_fan_out=template.fan_in_fan_out, kind=template.kind)
 
 
 def _concatenate(module: str, present, device):
@@ -434,7 +511,7 @@ def _combine_ab(method: Method, module: str, present, density, majority_sign, ge
     b = _merge(method, b_list, torch.tensor(weights_b).to(b_list[0].device), density, majority_sign, generator)
     first = present[0][0].modules[module]
     spec = ModuleSpec(r=first.r, alpha=first.r, in_features=first.in_features, out_features=first.out_features,
-                      fan_in_fan_out=first.fan_in_fan_out, enable_lora=first.enable_lora)
+                      fan_in_fan_out=first.fan_in_fan_out, enable_lora=first.enable_lora, kind=first.kind)
     return spec, a, b, ModuleReport(module, len(present), first.r)
 
 

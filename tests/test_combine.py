@@ -294,3 +294,80 @@ def test_memory_holds_one_module_at_a_time(tmp_path: Path, monkeypatch) -> None:
                                           setup=f"import torch, lora_hub\n{warm_up}")
     # Holding every full delta would add 12 layers x 2 modules x 2 adapters x 2 MB = 96 MB for the larger one.
     assert peaks[16] < peaks[4] * 1.25 + 8 * 2**20, {k: f"{v / 2**20:.1f} MB" for k, v in peaks.items()}
+
+
+def _feature_dirs(tmp_path: Path, name: str, model: str = "llama", **settings) -> list[Path]:
+    from tests.peft_cases import BUILDERS, peft_adapter
+
+    return [peft_adapter(tmp_path / f"{name}{seed}", BUILDERS[model](), seed=seed, **settings) for seed in (1, 2)]
+
+
+def test_embedding_modules_combine_like_peft(tmp_path: Path) -> None:
+    dirs = _feature_dirs(tmp_path, "embedding", target_modules=["embed_tokens", "q_proj"])
+    weights = [0.7, -0.4]
+    peft_model = PeftModel.from_pretrained(tiny_model("llama"), dirs[0], adapter_name="a")
+    peft_model.load_adapter(dirs[1], adapter_name="b")
+    peft_model.add_weighted_adapter(["a", "b"], weights, "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    for method, rank in (("cat", None), ("svd", 8)):  # svd at the sum of the ranks is exact
+        combined = lora_hub.combine(dirs, weights, method=method, rank=rank)
+        embedding = combined.modules["model.embed_tokens"]
+        assert embedding.kind == "embedding" and embedding.replaces_base
+        runtime = lora_hub.attach(tiny_model("llama"))
+        runtime.load("mix", combined)
+        runtime.use("mix")
+        with torch.no_grad():
+            torch.testing.assert_close(runtime.model(TOKENS).logits, peft_model.eval()(TOKENS).logits, rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_lora_bias_and_trainable_tokens_combine_as_the_stacked_sources(tmp_path: Path) -> None:
+    biased = _feature_dirs(tmp_path, "bias", target_modules=["q_proj", "down_proj"], lora_bias=True)
+    tokens = _feature_dirs(tmp_path, "tokens", target_modules=["v_proj"], trainable_token_indices=[3, 9])[:1]
+    sources, weights = biased + tokens, [0.6, -1.3, 0.8]
+    runtime = lora_hub.attach(tiny_model("llama"))
+    for i, source in enumerate(sources):
+        runtime.load(f"s{i}", source)
+    runtime.use({f"s{i}": w for i, w in enumerate(weights)})  # the run time stacks them (each one matches PEFT)
+    with torch.no_grad():
+        expected = runtime.model(TOKENS).logits
+    for method, rank in (("cat", None), ("linear", None), ("svd", 8)):
+        combined = lora_hub.combine(sources, weights, method=method, rank=rank)
+        assert combined.modules["model.layers.0.mlp.down_proj"].bias
+        assert dict(combined.config.trainable_tokens) == {"model.embed_tokens": (3, 9)}
+        runtime.load(method, lora_hub.load_adapter(lora_hub.save_adapter(combined, tmp_path / f"{method}.st")))
+        runtime.use(method)
+        with torch.no_grad():
+            torch.testing.assert_close(runtime.model(TOKENS).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CombineError, match="lora_bias.*use cat, linear or svd"):
+        lora_hub.combine(biased, method="ties", density=0.5)
+    with pytest.raises(CombineError, match="both bring trainable tokens"):
+        lora_hub.combine(_feature_dirs(tmp_path, "tokens", target_modules=["v_proj"], trainable_token_indices=[3]))
+
+
+def test_dora_experts_and_different_vocabularies_are_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(CombineError, match="uses DoRA"):
+        lora_hub.combine(_feature_dirs(tmp_path, "dora", target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(CombineError, match="expert parameters"):
+        lora_hub.combine(_feature_dirs(tmp_path, "experts", "mixtral", target_modules=["q_proj"],
+                                       target_parameters=["mlp.experts.down_proj"]))
+    from tests.peft_cases import BUILDERS, peft_adapter
+
+    resized = peft_adapter(tmp_path / "resized", BUILDERS["resized"](), target_modules=["embed_tokens"])
+    plain = _feature_dirs(tmp_path, "embedding", target_modules=["embed_tokens"])[0]
+    with pytest.raises(CombineError, match="different embedding matrices"):
+        lora_hub.combine([resized, plain])
+
+
+def test_adapters_that_bring_the_base_embedding_unchanged_stack_at_run_time(tmp_path: Path) -> None:
+    dirs = _feature_dirs(tmp_path, "embedding", target_modules=["embed_tokens", "q_proj"])
+    runtime = lora_hub.attach(tiny_model("llama"))
+    runtime.load("a", dirs[0])
+    runtime.load("b", dirs[1])
+    runtime.use({"a": 0.7, "b": -0.4})  # PEFT saved the embedding matrix with each, unchanged: nothing to clash
+    with torch.no_grad():
+        stacked = runtime.model(TOKENS).logits
+    runtime.load("mix", lora_hub.combine(dirs, [0.7, -0.4]))
+    runtime.use("mix")
+    with torch.no_grad():
+        torch.testing.assert_close(runtime.model(TOKENS).logits, stacked, rtol=1e-5, atol=1e-5)

@@ -167,8 +167,10 @@ class AdapterRuntime:
             if name in self._resident:  # an adapter being replaced is gone, not half there
                 self.unload(name)
             raise
-        replaced = self._load_replacements(slot, adapter) | frozenset(
-            [m for m, s in adapter.modules.items() if s.replaces_base] + list(adapter.config.trainable_tokens))
+        # embedding matrices equal to the layer's own are not kept, and do not clash with other adapters
+        brought = [m for m, s in adapter.modules.items() if s.replaces_base
+                   and (m not in self.layers or slot in self.layers[m].base_weights)]
+        replaced = self._load_replacements(slot, adapter) | frozenset(brought + list(adapter.config.trainable_tokens))
         before = self._resident.get(name)
         dora = any(s.dora for s in adapter.modules.values())
         self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced, dora)
