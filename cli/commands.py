@@ -41,9 +41,15 @@ class BoolList(click.ParamType):
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with its settings.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
 @click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
-def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, alpha: float | None) -> None:
-    """Summarise the adapter at PATH: base model, modules, ranks, dtypes, size, layout."""
-    summary = lora_hub.summarize(path, allow_pickle=allow_pickle, alpha=alpha)
+@click.option("--base", help="Base model (folder, config.json, or Hub id in the local cache), for PEFT adapters that "
+                             "need it: several expert parameters on one module, PiSSA and OLoRA inits.")
+@click.option("--initial", type=click.Path(exists=True), help="The initial adapter of a base-modifying init "
+              "(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), as PEFT saves it before training.")
+def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, alpha: float | None, base: str | None,
+            initial: str | None) -> None:
+    """Summarise the adapter at PATH: base model, modules, ranks, features, dtypes, size, layout."""
+    options = {k: v for k, v in (("base", base), ("initial", initial)) if v is not None}
+    summary = lora_hub.summarize(path, allow_pickle=allow_pickle, alpha=alpha, **options)
     if as_json:
         echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -51,9 +57,14 @@ def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, al
         echo(f"{label:<17}{value}")
     if show_modules:
         for name, spec in summary.modules.items():
-            flags = f" enable_lora={spec['enable_lora']}" if spec["enable_lora"] else ""
-            echo(f"  {name}  r={spec['r']} alpha={spec['alpha']} in={spec['in_features']} "
-                       f"out={spec['out_features']}{' fan_in_fan_out' if spec['fan_in_fan_out'] else ''}{flags}")
+            words = [spec["kind"]] if spec.get("kind", "linear") == "embedding" else []
+            words += [f"experts={spec['experts']}"] if spec.get("experts") else []
+            words += [f"r={spec['r']}", f"alpha={spec['alpha']}", f"in={spec['in_features']}",
+                      f"out={spec['out_features']}"]
+            words += ["fan_in_fan_out"] if spec["fan_in_fan_out"] else []
+            words += [f"enable_lora={spec['enable_lora']}"] if spec["enable_lora"] else []
+            words += [key for key in ("bias", "dora", "replaces_base") if spec.get(key)]
+            echo(f"  {name}  {' '.join(words)}")
 
 
 def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
@@ -71,12 +82,19 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
     lines.append(("modules", f"{summary.module_count}: {targets}"))
     for group in summary.groups:
         flags = "".join([" rslora" if group.rslora else "", " fan_in_fan_out" if group.fan_in_fan_out else "",
-                         f" enable_lora={group.enable_lora}" if group.enable_lora else ""])
+                         f" enable_lora={group.enable_lora}" if group.enable_lora else "",
+                         f" {group.kind}" if group.kind == "embedding" else "",
+                         f" {group.experts} experts" if group.experts else "",
+                         "".join(f" {feature}" for feature in group.features)])
         lines.append(("settings", f"{group.count} x r={group.r} alpha={group.alpha:g} "
                                   f"(scaling {group.scaling:g}){flags}"))
     dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in summary.dtypes.items())
     lines.append(("tensors", f"{summary.tensor_count} ({dtypes}), {summary.parameters:,} LoRA parameters"))
     lines.append(("size", f"{summary.size_bytes:,} bytes"))
+    if summary.features:
+        lines.append(("features", ", ".join(summary.features)))
+    if summary.trainable_tokens:
+        lines.append(("trainable tokens", ", ".join(f"{m} ({n} rows)" for m, n in summary.trainable_tokens.items())))
     if summary.modules_to_save:
         lines.append(("modules to save", ", ".join(summary.modules_to_save)))
     lines += [(key, str(value)) for key, value in summary.descriptive.items()]

@@ -1,5 +1,6 @@
-"""A summary of one adapter for people and scripts (`lora-hub inspect`): base model, modules grouped by settings,
-targets, dtypes and sizes. For a lora-hub file it comes from the header alone, so it costs the same for any size.
+"""A summary of one adapter for people and scripts (`lora-hub inspect`): base model, modules grouped by settings
+(kind and features among them), targets, features, dtypes and sizes. For a lora-hub file it comes from the header
+alone, so it costs the same for any size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class ModuleGroup:
     rslora: bool
     fan_in_fan_out: bool
     enable_lora: list[bool] | None
+    kind: str = "linear"
+    """linear, embedding or experts (FORMAT.md, module kinds)."""
+    experts: int | None = None
+    features: list[str] = field(default_factory=list)
+    """The module features of the group: lora_bias, dora, base_weights."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class AdapterSummary:
     size_bytes: int
     modules_to_save: list[str]
     tensors_sha256: str | None
+    features: list[str] = field(default_factory=list)
+    """The format features the adapter uses (FORMAT.md; empty for a plain adapter)."""
+    trainable_tokens: dict[str, int] = field(default_factory=dict)
+    """Embedding module -> how many token rows the adapter replaces."""
     descriptive: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -87,12 +97,13 @@ def _summary(path: Path, layout: str, version: int | None, config: AdapterConfig
     settings: Counter[tuple] = Counter()
     example = {}
     for spec in specs.values():
-        key = (spec.r, spec.alpha, spec.rslora, spec.fan_in_fan_out, spec.enable_lora)
+        key = (spec.r, spec.alpha, spec.rslora, spec.fan_in_fan_out, spec.enable_lora, spec.kind, spec.experts or 0,
+               tuple(sorted(spec.features - {"embedding", "experts"})))
         settings[key] += 1
         example.setdefault(key, spec)
     groups = [
         ModuleGroup(count, s.r, s.alpha, s.scaling, s.rslora, s.fan_in_fan_out,
-                    list(s.enable_lora) if s.enable_lora else None)
+                    list(s.enable_lora) if s.enable_lora else None, s.kind, s.experts, list(key[-1]))
         for key, count in sorted(settings.items(), key=lambda kv: (-kv[1], kv[0][0]))
         for s in (example[key],)
     ]
@@ -115,6 +126,8 @@ def _summary(path: Path, layout: str, version: int | None, config: AdapterConfig
         size_bytes=size,
         modules_to_save=list(config.modules_to_save),
         tensors_sha256=config.tensors_sha256,
+        features=sorted(config.features),
+        trainable_tokens={m: len(indices) for m, indices in config.trainable_tokens.items()},
         descriptive=descriptive,
         modules={name: spec.to_dict() for name, spec in specs.items()},
     )

@@ -57,6 +57,26 @@ def test_inspect_json_and_modules(run, peft_dir: Path) -> None:
     assert "transformer.h.1.mlp.c_fc  r=4 alpha=8 in=64 out=256 fan_in_fan_out" in listed.output
 
 
+def test_inspect_shows_kinds_and_features(run, tmp_path: Path) -> None:
+    from tests.peft_cases import BUILDERS, peft_adapter
+
+    folder = peft_adapter(tmp_path / "features", BUILDERS["llama"](), target_modules=["lm_head", "q_proj"],
+                          trainable_token_indices=[2, 3])
+    result = run("inspect", folder, "--modules")
+    assert result.exit_code == 0, result.output
+    assert "features         trainable_tokens\n" in result.output
+    assert "trainable tokens model.embed_tokens (2 rows)\n" in result.output
+    assert json.loads(run("inspect", folder, "--json").output)["trainable_tokens"] == {"model.embed_tokens": 2}
+    folder = peft_adapter(tmp_path / "embedding", BUILDERS["llama"](), target_modules=["embed_tokens", "q_proj"])
+    result = run("inspect", folder, "--modules")
+    assert "features         base_weights, embedding\n" in result.output
+    assert "settings         1 x r=4 alpha=8 (scaling 2) embedding base_weights\n" in result.output
+    assert "  model.embed_tokens  embedding r=4 alpha=8 in=128 out=64 replaces_base\n" in result.output
+    data = json.loads(run("inspect", folder, "--json").output)
+    assert sorted((g["count"], g["kind"], g["features"]) for g in data["groups"]) == [
+        (1, "embedding", ["base_weights"]), (2, "linear", [])]
+
+
 def test_convert_to_lora_hub_and_back_to_peft(run, peft_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "a.safetensors"
     result = run("convert", peft_dir, "-o", out)
