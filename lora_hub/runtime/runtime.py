@@ -25,7 +25,6 @@ points into the old buffers.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import warnings
@@ -36,19 +35,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import constants as C
 from ..adapter import Adapter, AdapterConfig
-from ..basemodel import LiveBase, describe_base
+from ..basemodel import LiveBase
 from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
 from ..validate import check_base
-from .embeddings import EmbeddingLoraLayer, OutputRows
-from .experts import ExpertParamLayer, ExpertsModule
-from .layers import LoraLayer, allocate, compute_dtype, layer_kind
-from .loading import NewLayer, SlotReads, fill
-from .replaced import ReplacedModule
+from .layers import LoraLayer
+from .loading import SlotReads, fill
 from .selection import Selection
 from .weights import Snapshot, restore
+from .wrapping import WrappedModel
 
 Choice = str | Mapping[str, float] | None
 """What to use: an adapter name, {name: weight} to stack, or None for the bare base model."""
@@ -73,30 +69,26 @@ class AdapterRuntime:
 
     def __init__(self, model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
                  max_rank: int | None = None, dtype: torch.dtype | None = None) -> None:
-        self._modules = dict(model.named_modules())  # the original modules by path; wrapping keeps their parents
-        if any(isinstance(m, (LoraLayer, ReplacedModule)) for m in self._modules.values()):
-            raise RuntimeStateError("the model already has lora-hub layers: detach() the other runtime first")
         self.model = model
         self.selection = Selection()
-        self.layers: dict[str, LoraLayer] = {}
-        self._replaced: dict[str, ReplacedModule] = {}
-        self._experts: dict[str, ExpertsModule] = {}  # by the path of the experts module they wrap
-        self._info = describe_base(model)
-        self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        self._resident: dict[str, _Resident] = {}
-        self._capacity = max_adapters or 0
+        self._wrapped = WrappedModel(model, self.selection, capacity=max_adapters or 0, max_rank=max_rank, dtype=dtype,
+                                     on_change=self._forget_reads)
         self._fixed_capacity = max_adapters is not None
-        self._max_rank = max_rank
-        self._path_dtype = dtype
+        self._resident: dict[str, _Resident] = {}
         self._active: dict[str, float] | None = None
         self._merged: tuple[dict[str, float], dict[str, Snapshot]] | None = None
         self._reads: dict[int, SlotReads] = {}  # by slot; forgotten whenever buffers are reallocated or moved
         self.selection.on_move(self._forget_reads)
         self._detached = False
         if targets is not None:
-            self._wrap(self._allocate(self._resolve(targets), {}))
+            self._wrapped.wrap(self._wrapped.allocate(self._wrapped.resolve(targets), {}))
 
     # --- what is here ------------------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> dict[str, LoraLayer]:
+        """The wrapped layers by module path (expert parameters by parameter path)."""
+        return self._wrapped.layers
 
     @property
     def adapters(self) -> list[str]:
@@ -143,22 +135,22 @@ class AdapterRuntime:
             raise RuntimeStateError(f"cannot load '{name}' while adapters are merged: unmerge() first")
         adapter = source if isinstance(source, Adapter) else self._convert(source, allow_pickle, convert_options)
         self._check_fit(name, adapter)
-        limit = self._max_rank
+        limit = self._wrapped.max_rank
         too_wide = [m for m, s in adapter.modules.items() if limit is not None and s.r * s.groups > limit]
         if too_wide:
             spec = adapter.modules[too_wide[0]]
             raise RuntimeStateError(f"adapter '{name}': '{too_wide[0]}' has rank {spec.r * spec.groups}, over "
-                                    f"max_rank={self._max_rank}; nothing was changed")
+                                    f"max_rank={limit}; nothing was changed")
         slot = self._resident[name].slot if name in self._resident else self._free_slot()
         reads = self._reads.get(slot)
         if reads is not None and not reads.fits(adapter):
             reads = None
-        new = self._reserve(adapter) if reads is None else {}  # a fitting plan means every buffer is as needed
+        new = self._wrapped.reserve(adapter) if reads is None else {}  # a fitting plan: every buffer is as needed
         try:
             if reads is not None:
                 reads.load(slot, adapter)
             else:
-                kept = fill(slot, adapter, self.layers, new, self._wrap)
+                kept = fill(slot, adapter, self.layers, new, self._wrapped.wrap)
                 if kept is not None:
                     self._reads[slot] = kept
         except BaseException:  # half-written (the file changed under us): the slot is emptied
@@ -170,7 +162,8 @@ class AdapterRuntime:
         # embedding matrices equal to the layer's own are not kept, and do not clash with other adapters
         brought = [m for m, s in adapter.modules.items() if s.replaces_base
                    and (m not in self.layers or slot in self.layers[m].base_weights)]
-        replaced = self._load_replacements(slot, adapter) | frozenset(brought + list(adapter.config.trainable_tokens))
+        replaced = self._wrapped.load_replacements(slot, adapter) | frozenset(
+            brought + list(adapter.config.trainable_tokens))
         before = self._resident.get(name)
         dora = any(s.dora for s in adapter.modules.values())
         self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced, dora)
@@ -190,10 +183,7 @@ class AdapterRuntime:
                 self._active = rest  # what unmerge() goes back to
             else:
                 self.use(rest)
-        for layer in self.layers.values():
-            layer.clear(resident.slot)
-        for module in self._replaced.values():
-            module.variants.pop(str(resident.slot), None)
+        self._wrapped.clear(resident.slot)
         del self._resident[name]
         if not self._fixed_capacity:
             self._compact()
@@ -296,9 +286,7 @@ class AdapterRuntime:
             for snapshot in reversed(snapshots.values()):  # nothing half-merged
                 restore(snapshot)
             raise
-        for module in self._replaced.values():
-            module.pinned = next((self._resident[n].slot for n in weights
-                                  if str(self._resident[n].slot) in module.variants), None)
+        self._wrapped.pin(slots)
         self.selection.set_lanes([], [])
         self._active = active
         self._merged = (dict(weights), snapshots)
@@ -310,8 +298,7 @@ class AdapterRuntime:
             return
         for snapshot in reversed(self._merged[1].values()):
             restore(snapshot)
-        for module in self._replaced.values():
-            module.pinned = None
+        self._wrapped.pin(None)
         self._merged = None
         self.use(self._active)
 
@@ -323,7 +310,7 @@ class AdapterRuntime:
         if choice is not None or previous is None:
             self.merge(choice)
         try:
-            with self._unwrapped():
+            with self._wrapped.unwrapped():
                 self.model.save_pretrained(directory, **save_options)
         finally:
             if previous is None:
@@ -335,16 +322,7 @@ class AdapterRuntime:
         """Unmerges, puts every original module back, and frees the adapters. Returns the model."""
         self._check_alive()
         self.unmerge()
-        for path, layer in self.layers.items():
-            if not isinstance(layer, ExpertParamLayer):
-                self._set(path, layer.base_layer)
-        for path, module in self._experts.items():
-            self._set(path, module.base_layer)
-        for path, module in self._replaced.items():
-            self._set(path, module.original)
-        self.layers.clear()
-        self._experts.clear()
-        self._replaced.clear()
+        self._wrapped.restore()
         self._resident.clear()
         self._reads.clear()
         self._detached = True
@@ -402,11 +380,11 @@ class AdapterRuntime:
     @property
     def _reference(self) -> LiveBase:
         """The model as it was before wrapping: its description and original modules, for reading a base."""
-        return LiveBase(self._info, self._modules)
+        return LiveBase(self._wrapped.info, self._wrapped.modules)
 
     def _check_fit(self, name: str, adapter: Adapter) -> None:
         shapes = adapter.tensor_shapes()
-        findings = check_base(adapter.config, self._info, shapes)
+        findings = check_base(adapter.config, self._wrapped.info, shapes)
         errors = [f for f in findings if f.severity is Severity.ERROR and f.code != "FAN_IN_FAN_OUT_MISMATCH"]
         if errors:
             detail = "; ".join(f"{f.code}: {f.message}" for f in errors[:3])
@@ -417,164 +395,25 @@ class AdapterRuntime:
                 warnings.warn(LoraHubWarning(f"adapter '{name}': {finding.code}: {finding.message}"), stacklevel=3)
 
     def _free_slot(self) -> int:
-        """The lowest free slot; growing the capacity (for the next _reserve) when every slot is used."""
+        """The lowest free slot; growing the capacity (for the next reserve) when every slot is used."""
         used = {r.slot for r in self._resident.values()}
         slot = next(i for i in range(len(used) + 1) if i not in used)
-        if slot >= self._capacity:
+        if slot >= self._wrapped.capacity:
             if self._fixed_capacity:
-                raise RuntimeStateError(f"all {self._capacity} adapter slots are in use (max_adapters); unload one")
-            self._capacity = slot + 1
+                raise RuntimeStateError(f"all {self._wrapped.capacity} adapter slots are in use (max_adapters); "
+                                        "unload one")
+            self._wrapped.capacity = slot + 1
         return slot
-
-    def _reserve(self, adapter: Adapter) -> dict[str, NewLayer]:
-        """Sizes every wrapped layer for the capacity and the adapter's ranks, with one allocation per layer that has
-        to grow and none for the others, and allocates the buffers of the modules the adapter needs that are not
-        wrapped yet (returned, for `_wrap`)."""
-        needed = {m: s.r * s.groups for m, s in adapter.modules.items()}
-        for module in adapter.config.trainable_tokens:  # the embedding, and a head tied to it, carry the rows
-            needed.setdefault(module, 0)
-            for head, owner in self._info.tied.items():
-                if owner == module:
-                    needed.setdefault(head, 0)
-        dims = {m: (s.in_features, s.out_features) for m, s in adapter.modules.items() if s.kind != "experts"}
-        for path, layer in self.layers.items():
-            if path in dims and dims[path] != (layer.in_features, layer.out_features):
-                raise RuntimeStateError(
-                    f"'{path}' holds adapters of in={layer.in_features}, out={layer.out_features}, and this one is "
-                    f"in={dims[path][0]}, out={dims[path][1]} (a resized vocabulary): adapters with different "
-                    "vocabularies cannot be resident together; unload the others first")
-        for path, layer in self.layers.items():
-            rank = max(layer.rank, needed.get(path, 0))
-            if (layer.slots, layer.rank) != (self._capacity, rank):
-                layer.reserve(self._capacity, rank)
-                self._reads.clear()
-        return self._allocate([m for m in needed if m not in self.layers], needed, dims)
-
-    def _resolve(self, targets: Iterable[str]) -> list[str]:
-        paths = []
-        for target in targets:
-            matched = [p for p in self._info.layers if p == target or p.endswith("." + target)]
-            if not matched:
-                raise RuntimeStateError(f"target '{target}' matches no linear layer of the model")
-            paths += matched
-        return list(dict.fromkeys(paths))
-
-    def _allocate(self, paths: Sequence[str], ranks: Mapping[str, int],
-                  dims: Mapping[str, tuple[int, int]] | None = None) -> dict[str, NewLayer]:
-        """The buffers of the layers that will wrap `paths` (modules, or expert parameters); nothing is wrapped yet.
-
-        Raises:
-            RuntimeStateError: A module lora-hub cannot wrap.
-        """
-        new = {}
-        for path in paths:
-            info = self._info.layers.get(path)
-            rank = self._max_rank or ranks.get(path, 0)
-            if info is not None and info.kind == "experts":
-                owner = self._modules[path.rpartition(".")[0]]
-                param = getattr(owner, path.rpartition(".")[2])
-                dtype = self._path_dtype or (param.dtype if param.is_floating_point() else self._dtype)
-                create = torch.empty if self._capacity == 1 else torch.zeros
-                new[path] = NewLayer("experts", create(self._capacity, info.experts * rank, info.in_features,
-                                                       device=param.device, dtype=dtype),
-                                     create(self._capacity, info.out_features, rank * info.experts,
-                                            device=param.device, dtype=dtype))
-                continue
-            base = self._modules[path]
-            kind = layer_kind(base)
-            if kind is None:
-                raise RuntimeStateError(f"'{path}' is a {type(base).__name__}, which lora-hub cannot wrap")
-            dtype = self._path_dtype or compute_dtype(base, self._dtype)
-            new[path] = NewLayer(kind, *allocate(base, kind, dtype, self._capacity, rank,
-                                                 (dims or {}).get(path)))
-        return new
-
-    def _wrap(self, new: Mapping[str, NewLayer]) -> None:
-        for path, parts in new.items():
-            if parts.kind == "experts":
-                layer = self._wrap_expert(path, parts)
-            else:
-                cls = EmbeddingLoraLayer if parts.kind == "embedding" else LoraLayer
-                layer = cls(self._modules[path], self.selection, parts.kind, parts.lora_A, parts.lora_B)
-                layer.tied = path in self._info.tied or path in self._info.tied.values()
-                self._set(path, layer)
-            self.layers[path] = layer
-        for head, owner in self._info.tied.items():  # a tied head shows the embedding's token rows in its logits
-            layer, embedding = self.layers.get(head), self.layers.get(owner)
-            if isinstance(layer, LoraLayer) and isinstance(embedding, EmbeddingLoraLayer) and \
-                    layer.output_rows is None:
-                layer.output_rows = OutputRows(embedding)
-        if new:
-            self._reads.clear()
-
-    def _wrap_expert(self, path: str, parts: NewLayer) -> ExpertParamLayer:
-        owner_path, _, name = path.rpartition(".")
-        module = self._experts.get(owner_path)
-        if module is None:
-            module = self._experts[owner_path] = ExpertsModule(self._modules[owner_path], self.selection)
-            self._set(owner_path, module)
-        info = self._info.layers[path]
-        layer = ExpertParamLayer(module.base_layer, name, self.selection, parts.lora_A, parts.lora_B,
-                                 experts=info.experts, transposed=info.transposed)
-        module.params[name] = layer
-        return layer
-
-    def _load_replacements(self, slot: int, adapter: Adapter) -> frozenset[str]:
-        for module in self._replaced.values():
-            module.variants.pop(str(slot), None)
-        config = adapter.config
-        for owner in config.modules_to_save:
-            if owner not in self._replaced:
-                wrapper = ReplacedModule(self._modules[owner], self.selection)
-                self._set(owner, wrapper)
-                self._replaced[owner] = wrapper
-            wrapper = self._replaced[owner]
-            variant = copy.deepcopy(wrapper.original)
-            tensors = dict(variant.named_parameters()) | dict(variant.named_buffers())
-            with torch.no_grad():
-                for name, tensor in adapter.tensors.items():
-                    if config.replacement_owner(name) == owner:
-                        tensors[name[len(C.TENSOR_PREFIX) + len(owner) + 1:]].copy_(tensor)
-            wrapper.variants[str(slot)] = variant
-        return frozenset(config.modules_to_save)
 
     def _compact(self) -> None:
         """Renumbers the slots 0..n-1 and shrinks the buffers to n: unloading frees the memory."""
-        order = sorted(self._resident.items(), key=lambda item: item[1].slot)
-        mapping = {r.slot: new for new, (_, r) in enumerate(order)}
-        for layer in self.layers.values():
-            layer.select_slots(list(mapping))
-        self._reads.clear()
-        for module in self._replaced.values():
-            module.variants = nn.ModuleDict({str(mapping[int(k)]): v for k, v in module.variants.items()})
-            if module.pinned is not None:
-                module.pinned = mapping[module.pinned]
-        for resident in self._resident.values():
+        order = sorted(self._resident.values(), key=lambda resident: resident.slot)
+        mapping = {resident.slot: new for new, resident in enumerate(order)}
+        self._wrapped.renumber(mapping)
+        for resident in order:
             resident.slot = mapping[resident.slot]
-        self._capacity = len(order)
         if not self._merged:  # while merged the paths are off; unmerge() selects again
             self.use(self._active)
-
-    def _set(self, path: str, module: nn.Module) -> None:
-        parent, _, child = path.rpartition(".")
-        setattr(self._modules[parent] if parent else self.model, child, module)
-
-    @contextlib.contextmanager
-    def _unwrapped(self) -> Iterator[None]:
-        """Temporarily the plain model (with merged weights, and replaced modules in place), for saving."""
-        wrapped = {path: layer for path, layer in self.layers.items() if not isinstance(layer, ExpertParamLayer)}
-        wrapped.update(self._experts)
-        for path, layer in wrapped.items():
-            self._set(path, layer.base_layer)
-        for path, module in self._replaced.items():
-            self._set(path, module.variants[str(module.pinned)] if module.pinned is not None else module.original)
-        try:
-            yield
-        finally:
-            for path, layer in wrapped.items():
-                self._set(path, layer)
-            for path, module in self._replaced.items():
-                self._set(path, module)
 
 
 def attach(model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
