@@ -666,7 +666,7 @@ class Adapter:
     def replacement_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of modules_to_save, by file name."""
         owned = self.config.owned_tensor_names()
-        return {n: t for n, t in self.tensors.items() if n not in owned}
+        return {n: self.tensors[n] for n in self.tensors if n not in owned}  # reads only those
 
     def with_config(self, **changes: Any) -> Adapter:
         """A copy with some config fields replaced (descriptive fields such as name, task, tags, license)."""

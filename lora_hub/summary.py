@@ -82,11 +82,11 @@ def summarize(source: str | os.PathLike[str], *, allow_pickle: bool = False, **o
         index = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
         return _summary(detected.weights, "lora-hub", header.format_version, header.config, index,
                         header.safetensors.file_size)
+    from .adapter import tensor_index
     from .convert import convert_adapter
-    from .tensors import dtype_name
 
     adapter = convert_adapter(source, allow_pickle=allow_pickle, **options)
-    index = {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in adapter.tensors.items()}
+    index = tensor_index(adapter.tensors)  # from the header, for tensors still in their file
     return _summary(detected.weights, detected.description, None, adapter.config, index,
                     detected.weights.stat().st_size)
 

@@ -298,9 +298,13 @@ class LoraLayer(SlotLayer):
         slot is merged alone with weight 1 (the runtime refuses anything else)."""
         replaced = [s for s in slots if s in self.base_weights]
         dora = [s for s in slots if self._dora[s]]
-        if not replaced and not dora and self.lora_bias is None and self.kind in ("linear", "conv1d") and \
-                not self.tied and self.output_rows is None:
-            return merge_float(self.base_layer, lambda w: self._add_update_(w, slots, weights))
+        if not replaced and not dora and not self.tied and self.output_rows is None:  # the update added in place
+            if self.kind in ("linear", "conv1d"):
+                snapshot = merge_float(self.base_layer, lambda w: self._add_update_(w, slots, weights))
+            else:
+                snapshot = merge_delta(self.base_layer, self.kind, self.update(slots, weights))
+            self._merge_bias(slots, weights, None, snapshot)
+            return snapshot
         source = self._oriented(replaced[0] if replaced else None)
         if dora:
             updated = source + self.update(slots, weights)

@@ -169,9 +169,9 @@ class WrappedModel:
             variant = copy.deepcopy(wrapper.original)
             tensors = dict(variant.named_parameters()) | dict(variant.named_buffers())
             with torch.no_grad():
-                for name, tensor in adapter.tensors.items():
+                for name in adapter.tensors:  # names first: only this module's tensors are read
                     if config.replacement_owner(name) == owner:
-                        tensors[name[len(C.TENSOR_PREFIX) + len(owner) + 1:]].copy_(tensor)
+                        tensors[name[len(C.TENSOR_PREFIX) + len(owner) + 1:]].copy_(adapter.tensors[name])
             wrapper.variants[str(slot)] = variant
         return frozenset(config.modules_to_save)
 
