@@ -321,6 +321,8 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
     layers: dict[str, LayerInfo] = {}
     unsupported: dict[str, str] = {}
     modules = []
+    owners: dict[int, str] = {}  # weights by identity, to find the layers that share one (lm_head, embed_tokens)
+    tied: dict[str, str] = {}
     for path, module in model.named_modules():
         modules.append(path)
         if isinstance(module, nn.Linear):
@@ -334,8 +336,12 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
             unsupported[path] = "conv"
         elif isinstance(module, nn.MultiheadAttention):
             unsupported[path] = "mha"
-        for param_name, param in module.named_parameters(recurse=False):
-            if param.ndim == 3:  # expert parameters, which PEFT adapts with target_parameters
+        if path in layers and (weight := getattr(module, "weight", None)) is not None:
+            tied_to = owners.setdefault(id(weight), path)
+            if tied_to != path:
+                tied[path] = tied_to
+        for param_name, param in module._parameters.items():  # the module's own, as named_parameters(recurse=False)
+            if param is not None and param.ndim == 3:  # expert parameters, which PEFT adapts (target_parameters)
                 experts, first, second = (int(d) for d in param.shape)
                 transposed = bool(getattr(module, "is_transposed", False))
                 in_f, out_f = (first, second) if transposed else (second, first)
@@ -350,26 +356,8 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
         modules=frozenset(modules),
         parameters={path: tuple(tensor.shape) for path, tensor in tensors},
         unsupported=unsupported,
-        tied=_tied_weights(model, layers),
+        tied=tied,
     )
-
-
-def _tied_weights(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, str]:
-    """Layers that share their weight with a layer registered before them (lm_head with embed_tokens)."""
-    owners: dict[int, str] = {}
-    tied = {}
-    for path in layers:
-        if layers[path].kind == "experts":
-            continue
-        weight = getattr(model.get_submodule(path), "weight", None)
-        if weight is None:
-            continue
-        key = id(weight)
-        if key in owners:
-            tied[path] = owners[key]
-        else:
-            owners[key] = path
-    return tied
 
 
 def _quantization(module: nn.Module) -> str | None:
