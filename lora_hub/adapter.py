@@ -10,6 +10,7 @@ Importing this module does not import torch; the functions that touch tensors im
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -378,7 +379,7 @@ class AdapterConfig:
             checked[name] = tuple(indices)
         object.__setattr__(self, "trainable_tokens", checked)
 
-    @property
+    @functools.cached_property  # a frozen config: computed once (loading asks for it per file)
     def features(self) -> tuple[str, ...]:
         """The format features this adapter needs (FORMAT.md section 4), sorted: empty for a version-1 file."""
         found: set[str] = set()

@@ -121,6 +121,22 @@ def test_a_resized_vocabulary_cannot_be_routed_with_the_base(made, tmp_path: Pat
         runtime.load("y", made["embedding"][0])
 
 
+@pytest.mark.parametrize(("before", "after"), [("trainable_tokens", "embedding"), ("dora", "lora_bias"),
+                                               ("lora_bias", "dora"), ("embedding", "trainable_tokens"),
+                                               ("lm_head", "lora_bias")])
+def test_replacing_an_adapter_in_place_leaves_nothing_of_the_old_one(before: str, after: str, made) -> None:
+    fresh = lora_hub.attach(BUILDERS["llama"]())
+    fresh.load("x", made[after][0])
+    fresh.use("x")
+    replaced = lora_hub.attach(BUILDERS["llama"]())
+    replaced.load("x", made[before][0])
+    replaced.use("x")
+    replaced.load("x", made[after][0])  # the same slot, rewritten
+    tokens = torch.tensor([[1, 5, 7, 9, 2]])  # among them the trainable tokens
+    with torch.no_grad():
+        assert torch.equal(replaced.model(tokens).logits, fresh.model(tokens).logits)
+
+
 def test_dora_applies_alone_and_with_weight_one(made) -> None:
     runtime = lora_hub.attach(BUILDERS["llama"]())
     runtime.load("dora", made["dora"][0])

@@ -96,6 +96,7 @@ class EmbeddingLoraLayer(SlotLayer):
     def write_features(self, slot: int, *, bias: torch.Tensor | None, magnitude: torch.Tensor | None,
                        base_weight: torch.Tensor | None) -> None:
         self.base_weights.pop(slot, None)
+        self.tokens.by_slot.pop(slot, None)  # the adapter's own token rows, if any, are written after this
         if base_weight is not None and not _same(base_weight, self.base_layer.weight):
             self.base_weights[slot] = base_weight.to(self.lora_A.device, self.base_layer.weight.dtype)
 

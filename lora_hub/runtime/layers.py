@@ -133,7 +133,10 @@ class SlotLayer(nn.Module):
         a[:keep_slots, :keep_rank] = self.lora_A[:keep_slots, :keep_rank]
         b[:keep_slots, :, :keep_rank] = self.lora_B[:keep_slots, :, :keep_rank]
         self.lora_A, self.lora_B = a, b
-        self.scaling = _resized(self.scaling, slots, 0.0)
+        if slots != old_slots:
+            scaling = self.scaling.new_zeros(slots)
+            scaling[:keep_slots] = self.scaling[:keep_slots]
+            self.scaling = scaling
         self._scalings = self._scalings[:keep_slots] + [0.0] * (slots - keep_slots)
 
     def select_slots(self, slots: Sequence[int]) -> None:
@@ -203,14 +206,18 @@ class LoraLayer(SlotLayer):
         """Wraps `base_layer` (of `kind`, see `layer_kind`) around the buffers that `allocate` made for it."""
         super().__init__(selection, kind, lora_A, lora_B)
         self.base_layer = base_layer
-        self.lora_bias: torch.Tensor | None = None
-        self.dora_scale: torch.Tensor | None = None
-        self._dora: list[bool] = [False] * self.slots
-        self.base_weights: dict[int, torch.Tensor] = {}
-        self.tied = False
-        """The base weight is shared with another layer (a tied lm_head): merges never write into it."""
-        self.output_rows: Any = None
-        """For an output projection tied to an embedding: the embedding's token rows (embeddings.OutputRows)."""
+        # Plain attributes, set in one step: nn.Module.__setattr__ costs ~5 us each, and a load wraps every layer.
+        # lora_bias (slots, out) and dora_scale (slots, out) exist once an adapter brings them; tied: the base weight
+        # is shared with another layer (a tied lm_head), so merges never write into it; output_rows: for an output
+        # projection tied to an embedding, the embedding's token rows (embeddings.OutputRows).
+        vars(self).update(lora_bias=None, dora_scale=None, _dora=[False] * self.slots, base_weights={}, tied=False,
+                          output_rows=None)
+        self.lora_bias: torch.Tensor | None
+        self.dora_scale: torch.Tensor | None
+        self._dora: list[bool]
+        self.base_weights: dict[int, torch.Tensor]
+        self.tied: bool
+        self.output_rows: Any
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -223,14 +230,16 @@ class LoraLayer(SlotLayer):
     # --- slots -------------------------------------------------------------------------------------------------
 
     def reserve(self, slots: int, rank: int) -> None:
-        old = self.slots
         super().reserve(slots, rank)
         if self.lora_bias is not None:
             self.lora_bias = _resized(self.lora_bias, slots, 0.0)
         if self.dora_scale is not None:
             self.dora_scale = _resized(self.dora_scale, slots, 1.0)
-        self._dora = self._dora[:slots] + [False] * max(0, slots - old)
-        self.base_weights = {s: w for s, w in self.base_weights.items() if s < slots}
+        # in place: assigning attributes of an nn.Module costs more than the rest of a plain layer's reserve
+        del self._dora[slots:]
+        self._dora.extend([False] * (slots - len(self._dora)))
+        for slot in [s for s in self.base_weights if s >= slots]:
+            del self.base_weights[slot]
 
     def select_slots(self, slots: Sequence[int]) -> None:
         index = torch.tensor(list(slots), dtype=torch.long, device=self.lora_A.device)
@@ -256,6 +265,9 @@ class LoraLayer(SlotLayer):
         """The parts of a slot beyond its factors (after `write`): the lora_B bias, the base weight the adapter
         brings (kept only where it differs from the layer's own), and the DoRA scale, computed once from the weight
         the slot applies to (PEFT recomputes it on every forward; it only changes when that weight does)."""
+        if bias is None and magnitude is None and base_weight is None and self.lora_bias is None and \
+                not self._dora[slot] and slot not in self.base_weights:
+            return  # a plain adapter, and nothing left from another in this slot
         if bias is not None:
             if self.lora_bias is None:
                 self.lora_bias = self.lora_A.new_zeros(self.slots, self.out_features)

@@ -100,8 +100,11 @@ def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapp
         a = read[a_name] if a_name in read else adapter.lora_A(path)
         b = read[b_name] if b_name in read else adapter.lora_B(path)
         layer.write(slot, a, b, spec.scaling, spec.enable_lora, rank=spec.r * spec.groups)
-        layer.write_features(slot, bias=adapter.lora_bias(path), magnitude=adapter.magnitude(path),
-                             base_weight=adapter.base_weight(path))
+        if spec.bias or spec.dora or spec.replaces_base:
+            layer.write_features(slot, bias=adapter.lora_bias(path), magnitude=adapter.magnitude(path),
+                                 base_weight=adapter.base_weight(path))
+        else:  # clears what another adapter left in the slot
+            layer.write_features(slot, bias=None, magnitude=None, base_weight=None)
     for module, indices in adapter.config.trainable_tokens.items():
         layers[module].write_tokens(slot, indices, adapter.token_rows(module))
     if read and all(t is None for t in read.values()) and not adapter.config.features:
