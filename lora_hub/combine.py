@@ -338,6 +338,7 @@ def _bias(module: str, present, device) -> torch.Tensor:
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Sources are combined in float32, or wider when they are stored wider."""
     import torch
 
     return torch.promote_types(tensor.dtype, torch.float32)
@@ -411,7 +412,6 @@ def _combine_module(method: Method, module: str, present: list[tuple[Adapter, fl
 
 def _factors(adapter: Adapter, module: str, device) -> tuple[torch.Tensor, torch.Tensor, ModuleSpec]:
     """A module's A, B (float32 or wider, on `device`) and spec, with enable_lora expanded to the plain form."""
-    import torch
 
     from .convert.peft_export import expand_enable_lora
 
@@ -423,7 +423,7 @@ def _factors(adapter: Adapter, module: str, device) -> tuple[torch.Tensor, torch
         spec, a, b = part.modules[module], part.lora_A(module), part.lora_B(module)
     else:
         a, b = adapter.lora_A(module), adapter.lora_B(module)
-    compute = torch.promote_types(a.dtype, torch.float32)
+    compute = _compute_dtype(a)
     return a.to(device=device, dtype=compute), b.to(device=device, dtype=compute), spec
 
 
@@ -501,7 +501,7 @@ def _combine_ab(method: Method, module: str, present, density, majority_sign, ge
     for adapter, weight in present:
         spec = adapter.modules[module]
         a, b = adapter.lora_A(module), adapter.lora_B(module)
-        compute = torch.promote_types(a.dtype, torch.float32)
+        compute = _compute_dtype(a)
         a_list.append(a.to(device=device, dtype=compute))
         b_list.append(b.to(device=device, dtype=compute))
         scaled = weight * spec.scaling

@@ -92,7 +92,8 @@ def test_the_run_time_gives_peft_logits_unmerged_merged_and_routed(name: str, ma
     runtime = lora_hub.attach(model)
     runtime.load("x", file)
     runtime.use("x")
-    assert not torch.allclose(expected, plain[..., :expected.shape[-1]]) if expected.shape == plain.shape else True
+    if expected.shape == plain.shape:  # the adapter changes the output (a resized vocabulary, its shape too)
+        assert not torch.allclose(expected, plain)
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-5)
     runtime.merge("x")
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=2e-5)

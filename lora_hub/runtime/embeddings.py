@@ -68,29 +68,24 @@ class EmbeddingLoraLayer(SlotLayer):
                  lora_B: torch.Tensor) -> None:
         super().__init__(selection, kind, lora_A, lora_B)
         self.base_layer = base_layer
-        self.base_weights: dict[int, torch.Tensor] = {}
         self.tokens = TokenRows()
         self.tied = False
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self.base_weights = {slot: fn(w) for slot, w in self.base_weights.items()}
         self.tokens.apply(fn)
         return self
 
     def reserve(self, slots: int, rank: int) -> None:
         super().reserve(slots, rank)
-        self.base_weights = {s: w for s, w in self.base_weights.items() if s < slots}
         self.tokens.by_slot = {s: v for s, v in self.tokens.by_slot.items() if s < slots}
 
     def select_slots(self, slots: Sequence[int]) -> None:
         super().select_slots(slots)
-        self.base_weights = {new: self.base_weights[old] for new, old in enumerate(slots) if old in self.base_weights}
         self.tokens.renumber(slots)
 
     def clear(self, slot: int) -> None:
         super().clear(slot)
-        self.base_weights.pop(slot, None)
         self.tokens.by_slot.pop(slot, None)
 
     def write_features(self, slot: int, *, bias: torch.Tensor | None, magnitude: torch.Tensor | None,
@@ -102,9 +97,6 @@ class EmbeddingLoraLayer(SlotLayer):
 
     def write_tokens(self, slot: int, indices: Sequence[int], rows: torch.Tensor) -> None:
         self.tokens.set(slot, indices, rows, self.lora_A.device, self.base_layer.weight.dtype)
-
-    def is_dora(self, slot: int) -> bool:
-        return False
 
     # --- computing ---------------------------------------------------------------------------------------------
 

@@ -72,9 +72,6 @@ class ExpertParamLayer(SlotLayer):
     def write_features(self, slot: int, **_: object) -> None:
         """Expert modules have no biases, DoRA or base weights (FORMAT.md section 6)."""
 
-    def is_dora(self, slot: int) -> bool:
-        return False
-
     def expert_update(self, slots: Sequence[int], weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
         """sum_k weights[k] * scaling * delta_k, shaped like the parameter ((experts, out, in), or (experts, in,
         out) when transposed), computed in `dtype`."""

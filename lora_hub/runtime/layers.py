@@ -91,8 +91,9 @@ def destinations(lora_A: torch.Tensor, lora_B: torch.Tensor, slot: int, rank: in
 
 
 class SlotLayer(nn.Module):
-    """What every kind of LoRA path keeps per slot: lora_A, lora_B and the scaling, grown by loads, renumbered by
-    unloads, written in place. Subclasses compute with them (forward) and merge them."""
+    """What every kind of LoRA path keeps per slot: lora_A, lora_B, the scaling and the base weights adapters bring,
+    grown by loads, renumbered by unloads, written in place. Subclasses compute with them (forward) and merge
+    them."""
 
     def __init__(self, selection: Selection, kind: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         super().__init__()
@@ -105,12 +106,18 @@ class SlotLayer(nn.Module):
         slots = lora_A.shape[0]
         self.register_buffer("scaling", torch.zeros(slots, device=lora_A.device, dtype=torch.float32),
                              persistent=False)
-        self._scalings = [0.0] * slots  # the same values on the host, so that eager forwards never read a device
+        # _scalings: the same values on the host, so that eager forwards never read a device. base_weights: {slot:
+        # weight} for adapters that bring their own base weight, kept where it differs from the layer's. Plain
+        # attributes set in one step: nn.Module.__setattr__ costs ~5 us each, and a load wraps every layer.
+        vars(self).update(_scalings=[0.0] * slots, base_weights={})
+        self._scalings: list[float]
+        self.base_weights: dict[int, torch.Tensor]
 
     def _apply(self, fn, recurse: bool = True):
         """Moving or converting the model replaces the buffers: the selection learns their device, and the runtime
         forgets anything that pointed into the old ones."""
         super()._apply(fn, recurse)
+        self.base_weights = {slot: fn(w) for slot, w in self.base_weights.items()}
         self.selection.moved(self.lora_A.device)
         return self
 
@@ -134,10 +141,10 @@ class SlotLayer(nn.Module):
         b[:keep_slots, :, :keep_rank] = self.lora_B[:keep_slots, :, :keep_rank]
         self.lora_A, self.lora_B = a, b
         if slots != old_slots:
-            scaling = self.scaling.new_zeros(slots)
-            scaling[:keep_slots] = self.scaling[:keep_slots]
-            self.scaling = scaling
+            self.scaling = _resized(self.scaling, slots, 0.0)
         self._scalings = self._scalings[:keep_slots] + [0.0] * (slots - keep_slots)
+        for slot in [s for s in self.base_weights if s >= slots]:  # in place, as for every per-slot attribute
+            del self.base_weights[slot]
 
     def select_slots(self, slots: Sequence[int]) -> None:
         """Keeps only `slots`, renumbered 0..len-1, and frees the rest (unloading)."""
@@ -146,6 +153,7 @@ class SlotLayer(nn.Module):
         self.lora_B = self.lora_B.index_select(0, index)
         self.scaling = self.scaling.index_select(0, index)
         self._scalings = [self._scalings[s] for s in slots]
+        self.base_weights = {new: self.base_weights[old] for new, old in enumerate(slots) if old in self.base_weights}
 
     def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
               enable_lora: tuple[bool, ...] | None, *, rank: int) -> None:
@@ -184,6 +192,7 @@ class SlotLayer(nn.Module):
         self.lora_B[slot].zero_()
         self.scaling[slot] = 0.0
         self._scalings[slot] = 0.0
+        self.base_weights.pop(slot, None)
 
     def update(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
         """sum_k weights[k] * scaling * B_k @ A_k in float32, in (out, in) orientation."""
@@ -206,16 +215,14 @@ class LoraLayer(SlotLayer):
         """Wraps `base_layer` (of `kind`, see `layer_kind`) around the buffers that `allocate` made for it."""
         super().__init__(selection, kind, lora_A, lora_B)
         self.base_layer = base_layer
-        # Plain attributes, set in one step: nn.Module.__setattr__ costs ~5 us each, and a load wraps every layer.
-        # lora_bias (slots, out) and dora_scale (slots, out) exist once an adapter brings them; tied: the base weight
-        # is shared with another layer (a tied lm_head), so merges never write into it; output_rows: for an output
-        # projection tied to an embedding, the embedding's token rows (embeddings.OutputRows).
-        vars(self).update(lora_bias=None, dora_scale=None, _dora=[False] * self.slots, base_weights={}, tied=False,
-                          output_rows=None)
+        # Plain attributes, set in one step (see SlotLayer). lora_bias (slots, out) and dora_scale (slots, out) exist
+        # once an adapter brings them; tied: the base weight is shared with another layer (a tied lm_head), so merges
+        # never write into it; output_rows: for an output projection tied to an embedding, the embedding's token
+        # rows (embeddings.OutputRows).
+        vars(self).update(lora_bias=None, dora_scale=None, _dora=[False] * self.slots, tied=False, output_rows=None)
         self.lora_bias: torch.Tensor | None
         self.dora_scale: torch.Tensor | None
         self._dora: list[bool]
-        self.base_weights: dict[int, torch.Tensor]
         self.tied: bool
         self.output_rows: Any
 
@@ -224,7 +231,6 @@ class LoraLayer(SlotLayer):
         for name in ("lora_bias", "dora_scale"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
-        self.base_weights = {slot: fn(w) for slot, w in self.base_weights.items()}
         return self
 
     # --- slots -------------------------------------------------------------------------------------------------
@@ -238,8 +244,6 @@ class LoraLayer(SlotLayer):
         # in place: assigning attributes of an nn.Module costs more than the rest of a plain layer's reserve
         del self._dora[slots:]
         self._dora.extend([False] * (slots - len(self._dora)))
-        for slot in [s for s in self.base_weights if s >= slots]:
-            del self.base_weights[slot]
 
     def select_slots(self, slots: Sequence[int]) -> None:
         index = torch.tensor(list(slots), dtype=torch.long, device=self.lora_A.device)
@@ -249,7 +253,6 @@ class LoraLayer(SlotLayer):
         if self.dora_scale is not None:
             self.dora_scale = self.dora_scale.index_select(0, index)
         self._dora = [self._dora[s] for s in slots]
-        self.base_weights = {new: self.base_weights[old] for new, old in enumerate(slots) if old in self.base_weights}
 
     def clear(self, slot: int) -> None:
         super().clear(slot)
@@ -258,7 +261,6 @@ class LoraLayer(SlotLayer):
         if self.dora_scale is not None:
             self.dora_scale[slot].fill_(1.0)
         self._dora[slot] = False
-        self.base_weights.pop(slot, None)
 
     def write_features(self, slot: int, *, bias: torch.Tensor | None, magnitude: torch.Tensor | None,
                        base_weight: torch.Tensor | None) -> None:
@@ -286,9 +288,6 @@ class LoraLayer(SlotLayer):
             self.dora_scale[slot] = magnitude.float().to(self.lora_A.device) / torch.linalg.norm(updated, dim=1)
         elif self.dora_scale is not None:
             self.dora_scale[slot].fill_(1.0)
-
-    def is_dora(self, slot: int) -> bool:
-        return self._dora[slot]
 
     def _weight_dtype(self) -> torch.dtype:
         weight = self.base_layer.weight
@@ -377,11 +376,6 @@ class LoraLayer(SlotLayer):
                 weight.addmm_(a.T, b.T, alpha=alpha)
             else:
                 weight.addmm_(b, a, alpha=alpha)
-
-    def delta_weight(self, slots: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
-        """The plain update of the weighted slots, shaped like the base weight ((in, out) for Conv1D)."""
-        delta = self.update(slots, weights)
-        return delta.T if self.kind == "conv1d" else delta
 
     # --- computing ---------------------------------------------------------------------------------------------
 
