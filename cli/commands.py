@@ -41,8 +41,9 @@ class BoolList(click.ParamType):
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with its settings.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
 @click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
-@click.option("--base", help="Base model (folder, config.json, or Hub id in the local cache), for PEFT adapters that "
-                             "need it: several expert parameters on one module, PiSSA and OLoRA inits.")
+@click.option("--base", help="Base model (folder, config.json, or Hub id in the local cache), for adapters that need "
+                             "it: GGUF (tensor names), mlx-lm (layer kinds), PEFT with several expert parameters on "
+                             "one module or PiSSA and OLoRA inits.")
 @click.option("--initial", type=click.Path(exists=True), help="The initial adapter of a base-modifying init "
               "(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), as PEFT saves it before training.")
 def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, alpha: float | None, base: str | None,
@@ -106,11 +107,14 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
 @click.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="The lora-hub file to write, or the folder for --to peft.")
-@click.option("--to", "target", type=click.Choice(["lora-hub", "peft"]), default="lora-hub", show_default=True,
-              help="Output layout.")
+              help="The lora-hub or GGUF file to write, or the folder for --to peft and --to mlx.")
+@click.option("--to", "target", type=click.Choice(["lora-hub", "peft", "gguf", "mlx"]), default="lora-hub",
+              show_default=True, help="Output layout: gguf for llama.cpp (and Ollama, LM Studio), mlx for mlx-lm.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
+              help="For --to gguf: the tensor type (f32 is exact).")
 @click.option("--base", help="Base model (folder, config.json, or Hub id in the local cache): checks every module "
-                             "and records the base model's type and fingerprint.")
+                             "and records the base model's type and fingerprint. GGUF reading and writing need it "
+                             "(or the one the adapter declares).")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
 @click.option("--alpha", type=float, help="lora_alpha, for loralib checkpoints (they do not record it).")
 @click.option("--r", "rank", type=click.IntRange(min=1), help="Rank, checked against loralib tensors.")
@@ -121,19 +125,28 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
                                             "keeps the mismatching checksum, so it stays flagged as corrupt.")
 @click.option("--initial", type=click.Path(exists=True), help="The initial adapter PEFT saved before training a "
               "base-modifying init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): converts it to its plain equivalent.")
-def convert(source: str, output: str, target: str, base: str | None, allow_pickle: bool, alpha: float | None,
-            rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None, force: bool,
-            initial: str | None) -> None:
-    """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib) to OUTPUT."""
+def convert(source: str, output: str, target: str, outtype: str, base: str | None, allow_pickle: bool,
+            alpha: float | None, rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None,
+            force: bool, initial: str | None) -> None:
+    """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib, GGUF, mlx-lm) to OUTPUT."""
     start = time.perf_counter()
     adapter = lora_hub.convert_adapter(source, base=base, allow_pickle=allow_pickle, alpha=alpha, r=rank,
                                        enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out, force=force,
                                        initial=initial)
+    if outtype != "f32" and target != "gguf":
+        raise click.BadParameter("--outtype is for --to gguf", param_hint="'--outtype'")
     if target == "peft":
         written = lora_hub.to_peft(adapter, output, base=base)
+    elif target == "mlx":
+        written = lora_hub.to_mlx(adapter, output, base=base)
+    elif target == "gguf":
+        if Path(output).is_dir():
+            raise click.BadParameter(f"'{output}' is a folder; give a file name such as adapter.gguf",
+                                     param_hint="'-o'")
+        written = lora_hub.to_gguf(adapter, output, base=base, outtype=outtype)
     else:
         if Path(output).is_dir():
-            raise click.BadParameter(f"'{output}' is a folder; give a file name (or use --to peft)",
+            raise click.BadParameter(f"'{output}' is a folder; give a file name (or use --to peft or --to mlx)",
                                      param_hint="'-o'")
         written = lora_hub.save_adapter(adapter, output)
     echo(f"wrote {written} ({target}): {len(adapter.modules)} modules, "
@@ -145,8 +158,9 @@ def convert(source: str, output: str, target: str, base: str | None, allow_pickl
 @click.option("--base", help="Base model to check against (folder, config.json, or Hub id in the local cache).")
 @click.option("--level", type=click.Choice(["header", "full"]), default="full", show_default=True,
               help="header reads only the header; full also streams every tensor's contents.")
-@click.option("--profile", type=click.Choice(["peft", "vllm", "lora-hub"]),
-              help="Also check that the file will work there (spec/PROFILES.md; lora-hub: the strict format).")
+@click.option("--profile", type=click.Choice(list(lora_hub.PROFILES)),
+              help="Also check that the file will work there with PeftModel's result (spec/PROFILES.md; lora-hub: "
+                   "the strict format).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON array.")
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")

@@ -23,8 +23,12 @@ from .constants import FORMAT_VERSION as FORMAT_VERSION
 from .convert import Layout as Layout
 from .convert import convert_adapter as convert_adapter
 from .convert import detect_layout as detect_layout
+from .convert import from_gguf as from_gguf
 from .convert import from_loralib as from_loralib
+from .convert import from_mlx as from_mlx
 from .convert import from_peft as from_peft
+from .convert import to_gguf as to_gguf
+from .convert import to_mlx as to_mlx
 from .convert import to_peft as to_peft
 from .errors import AdapterMismatchError as AdapterMismatchError
 from .errors import AdapterNotFoundError as AdapterNotFoundError
@@ -38,11 +42,13 @@ from .errors import CombineError as CombineError
 from .errors import ConfigError as ConfigError
 from .errors import ConfigMissingError as ConfigMissingError
 from .errors import ConversionError as ConversionError
+from .errors import ExportError as ExportError
 from .errors import FanInFanOutCorrectedWarning as FanInFanOutCorrectedWarning
 from .errors import FeatureUnknownError as FeatureUnknownError
 from .errors import FileChangedError as FileChangedError
 from .errors import FileTruncatedError as FileTruncatedError
 from .errors import FormatVersionError as FormatVersionError
+from .errors import GgufError as GgufError
 from .errors import HeaderEncodingError as HeaderEncodingError
 from .errors import HeaderJSONError as HeaderJSONError
 from .errors import HeaderSchemaError as HeaderSchemaError
@@ -57,6 +63,7 @@ from .errors import LoraHubError as LoraHubError
 from .errors import LoraHubWarning as LoraHubWarning
 from .errors import MetadataError as MetadataError
 from .errors import MissingTensorError as MissingTensorError
+from .errors import MlxConfigError as MlxConfigError
 from .errors import ModuleConflictError as ModuleConflictError
 from .errors import NotAnAdapterRepoError as NotAnAdapterRepoError
 from .errors import NotCachedError as NotCachedError
@@ -106,6 +113,7 @@ from .registry import Registry as Registry
 from .registry import RegistryEntry as RegistryEntry
 from .summary import AdapterSummary as AdapterSummary
 from .summary import summarize as summarize
+from .validate import PROFILES as PROFILES
 from .validate import validate as validate
 
 __version__ = "0.1.0"
@@ -144,6 +152,7 @@ __all__ = [
     "ConfigError",
     "ConfigMissingError",
     "ConversionError",
+    "ExportError",
     "FORMAT_VERSION",
     "FanInFanOutCorrectedWarning",
     "FeatureUnknownError",
@@ -151,6 +160,7 @@ __all__ = [
     "FileTruncatedError",
     "Finding",
     "FormatVersionError",
+    "GgufError",
     "HeaderEncodingError",
     "HeaderJSONError",
     "HeaderSchemaError",
@@ -168,6 +178,7 @@ __all__ = [
     "METHODS",
     "MetadataError",
     "MissingTensorError",
+    "MlxConfigError",
     "ModuleConflictError",
     "ModuleReport",
     "ModuleSpec",
@@ -176,6 +187,7 @@ __all__ = [
     "NotLoraHubFileError",
     "OffsetOutOfRangeError",
     "OffsetOverlapError",
+    "PROFILES",
     "ParameterRequiredError",
     "PatternTooComplexError",
     "PatternUnsupportedError",
@@ -216,7 +228,9 @@ __all__ = [
     "detect_layout",
     "dora_weight",
     "fit_to_base",
+    "from_gguf",
     "from_loralib",
+    "from_mlx",
     "from_peft",
     "is_canonical",
     "load_adapter",
@@ -226,6 +240,8 @@ __all__ = [
     "read_safetensors_header",
     "save_adapter",
     "summarize",
+    "to_gguf",
+    "to_mlx",
     "to_peft",
     "validate",
     "verify_checksum",

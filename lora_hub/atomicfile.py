@@ -27,18 +27,31 @@ def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryvi
     Raises:
         IsADirectoryError: `path` is an existing directory.
     """
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A file written all or nothing by a writer that wants a path (the gguf package's): yields a temporary path
+    beside `path`; when the block ends without an error, the file there is synced and renamed over `path`. On an
+    error `path` is untouched and the temporary file removed.
+
+    Raises:
+        IsADirectoryError: `path` is an existing directory.
+    """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"'{path}' is a directory; give a file name to write to")
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        _fsync_file(Path(tmp))
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -46,7 +59,6 @@ def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryvi
             os.unlink(tmp)
         raise
     _fsync_directory(path.parent)
-    return path
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .adapter import AdapterConfig, BaseModelRef, ModuleSpec
+from .adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
 from .errors import BaseModelError, BaseModelMismatchError, FanInFanOutCorrectedWarning
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ TASK_AUTO_CLASSES = {
     "FEATURE_EXTRACTION": "AutoModel",
 }
 _MAX_CONFIG_JSON_BYTES = 16 * 1024 * 1024
+HPARAM_KEYS = ("num_attention_heads", "num_key_value_heads", "num_hidden_layers", "head_dim", "hidden_size")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class BaseModelInfo:
     tied: Mapping[str, str] = field(default_factory=dict)
     """Layers whose weight is another layer's (an output projection tied to the input embedding): path -> the path
     of the layer that owns the weight."""
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    """What runtimes outside PyTorch lay out by (HPARAM_KEYS of the text model's config, when it has them): the
+    attention head counts that llama.cpp's converter permutes q and k rows by, the block count."""
 
     def fingerprint(self, modules: Iterable[str]) -> str:
         """The fingerprint of the given layers of this model (FORMAT.md, "Base model fingerprint").
@@ -258,6 +262,32 @@ def read_weights(source: str | os.PathLike[str], names: Iterable[str]) -> dict[s
     return out
 
 
+def same_base_weight(adapter: Adapter, module: str, base: BaseSource, info: BaseModelInfo | None = None
+                     ) -> bool | None:
+    """Whether the base-layer weight that `adapter` brings for `module` (`replaces_base`) equals the base model's
+    weight: its bytes, or its values in the adapter's dtype. None when `base` has no weights to compare with (a
+    config, a model on the meta device, a folder without safetensors weights).
+    """
+    import torch
+
+    owner = info.tied.get(module, module) if info is not None else module
+    try:
+        if isinstance(base, LiveBase):
+            theirs = base.modules[owner].weight
+        elif isinstance(base, torch.nn.Module):
+            theirs = base.get_submodule(owner).weight
+        elif isinstance(base, (str, os.PathLike)):
+            theirs = read_weights(base, [f"{owner}.weight"])[f"{owner}.weight"]
+        else:
+            return None
+    except (BaseModelError, AttributeError, KeyError, OSError):
+        return None
+    ours = adapter.base_weight(module)
+    if theirs.is_meta or tuple(theirs.shape) != tuple(ours.shape):
+        return None if theirs.is_meta else False
+    return torch.equal(ours, theirs.detach().to(device=ours.device, dtype=ours.dtype))
+
+
 def _model_folder(source: str | os.PathLike[str]) -> Path:
     path = Path(source)
     if path.is_dir():
@@ -348,6 +378,8 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
                 key = f"{path}.{param_name}" if path else param_name
                 layers[key] = LayerInfo("experts", in_f, out_f, experts=experts, transposed=transposed)
     config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hparams = {key: value for key in HPARAM_KEYS if isinstance(value := getattr(text, key, None), int)}
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return BaseModelInfo(
         name=name or getattr(config, "name_or_path", None) or None,
@@ -357,6 +389,7 @@ def _describe_module(model: nn.Module, *, name: str | None) -> BaseModelInfo:
         parameters={path: tuple(tensor.shape) for path, tensor in tensors},
         unsupported=unsupported,
         tied=tied,
+        hparams=hparams,
     )
 
 

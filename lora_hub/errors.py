@@ -277,6 +277,37 @@ class UnsupportedFeatureError(ConversionError):
         super().__init__(message, **where)
 
 
+class ExportError(ConversionError):
+    """The adapter cannot be carried to or from a runtime's own layout (llama.cpp's GGUF, mlx-lm's folder) with the
+    same result. `code` names the runtime and the reason (LLAMA_CPP_DORA, LLAMA_CPP_ARCH, MLX_TIED, ...; see
+    convert/runtimes.py).
+
+    Args:
+        code: The reason's code.
+    """
+
+    code = "EXPORT_REFUSED"
+
+    def __init__(self, message: str, *, code: str | None = None, **where: Any) -> None:
+        if code is not None:
+            self.code = code
+        super().__init__(message, **where)
+
+
+class GgufError(ConversionError):
+    """A GGUF file that llama.cpp would not load as a LoRA adapter: unreadable, a model rather than an adapter,
+    lora_a without lora_b, a tensor that fits no layer of the base model."""
+
+    code = "GGUF_INVALID"
+
+
+class MlxConfigError(ConversionError):
+    """An mlx-lm adapter folder that mlx-lm's load_adapters would refuse: adapter_config.json unreadable or missing
+    a key, or tensors that its settings do not make (a module outside `keys` and `num_layers`, another rank)."""
+
+    code = "MLX_CONFIG_INVALID"
+
+
 class PatternUnsupportedError(ConversionError):
     """A regular expression from the adapter's config uses a construct without a linear-time match (backreference,
     lookaround); it is not run."""

@@ -72,7 +72,7 @@ CATALOGUE: dict[str, Code] = {
     "FILE_CHANGED": Code(ERR, "The file was replaced or changed after its header was read.",
                          "Read it again; do not change a file while it is being read."),
     "READ_FAILED": Code(ERR, "The operating system refused to read the file.", "Check permissions and the disk."),
-    "LAYOUT_UNSUPPORTED": Code(ERR, "A known layout that lora-hub does not read (diffusers, kohya, MLX, GGUF).",
+    "LAYOUT_UNSUPPORTED": Code(ERR, "A known layout that lora-hub does not read (diffusers, kohya, MLX .npz).",
                                "Use the tool made for that layout."),
     "LAYOUT_UNKNOWN": Code(ERR, "The file follows no adapter layout lora-hub knows.", "Check that it is an adapter."),
     "GIT_LFS_POINTER": Code(ERR, "A Git LFS pointer, not the file it points to.",
@@ -99,6 +99,15 @@ CATALOGUE: dict[str, Code] = {
                                "Pass it: alpha=, enable_lora= (CLI: --alpha, --enable-lora)."),
     "MODULE_CONFLICT": Code(ERR, "A module is both adapted and saved in a way no loader can apply.",
                             "Retrain without listing the module in both target_modules and modules_to_save."),
+    "GGUF_INVALID": Code(ERR, "A GGUF file that llama.cpp would not load as a LoRA adapter (unreadable, a model "
+                              "rather than an adapter, lora_a without lora_b, factors that do not fit the layer).",
+                         "Re-export it (lora-hub convert SOURCE -o adapter.gguf --to gguf --base BASE)."),
+    "MLX_CONFIG_INVALID": Code(ERR, "An mlx-lm adapter folder that mlx-lm would refuse: adapter_config.json "
+                                    "unreadable or missing rank/scale/dropout/num_layers, or tensors its settings do "
+                                    "not make (a module outside keys and num_layers, another rank).",
+                               "Re-export it (lora-hub convert SOURCE -o DIR --to mlx)."),
+    "EXPORT_REFUSED": Code(ERR, "The adapter cannot be written for that runtime with the same result.",
+                           "See the message."),
     "CONVERSION_FAILED": Code(ERR, "The adapter could not be read.", "See the message."),
     "INVALID_ADAPTER": Code(ERR, "The file breaks the format.", "See the message."),
     "BASE_MODEL_UNAVAILABLE": Code(ERR, "The base model could not be described (no config, unknown architecture, "
@@ -244,6 +253,56 @@ CATALOGUE: dict[str, Code] = {
                       "Reduce the rank (lora-hub merge --rank)."),
     "VLLM_MAX_LORA_RANK": Code(INFO, "The smallest --max-lora-rank that vLLM needs for this adapter.",
                                "Start vLLM with at least this --max-lora-rank."),
+    "LLAMA_CPP_ARCH": Code(ERR, "The base model's architecture is not one lora-hub maps to llama.cpp (llama, "
+                                "mistral, qwen2, qwen3), whose converter lays out weights per architecture.",
+                           "Merge the adapter (lora-hub apply --merge --output DIR) and convert the merged model with "
+                           "llama.cpp's convert_hf_to_gguf.py."),
+    "LLAMA_CPP_MODULE": Code(ERR, "A module llama.cpp's layout has no tensor for (an expert parameter, a layer the "
+                                  "architecture's GGUF does not keep apart).",
+                             "Merge the adapter and convert the merged model, or retrain without that module."),
+    "LLAMA_CPP_TIED": Code(ERR, "LoRA on an embedding tied to the output projection (llama.cpp would adapt both), or "
+                                "on an output projection that has no weight of its own.",
+                           "Merge the adapter and convert the merged model."),
+    "LLAMA_CPP_MODULES_TO_SAVE": Code(ERR, "modules_to_save: a GGUF adapter carries LoRA factors only.",
+                                      "Merge the adapter and convert the merged model."),
+    "LLAMA_CPP_DORA": Code(ERR, "llama.cpp does not apply DoRA.", "Merge the adapter and convert the merged model."),
+    "LLAMA_CPP_LORA_BIAS": Code(ERR, "llama.cpp does not apply lora_bias (a bias on lora_B).",
+                                "Merge the adapter and convert the merged model."),
+    "LLAMA_CPP_TRAINABLE_TOKENS": Code(ERR, "llama.cpp does not read trainable tokens.",
+                                       "Merge the adapter and convert the merged model."),
+    "LLAMA_CPP_BASE_WEIGHTS_DIFFER": Code(ERR, "The embedding matrices the adapter brings differ from the base "
+                                               "model's, and llama.cpp runs the base model's own.",
+                                          "Merge the adapter and convert the merged model."),
+    "LLAMA_CPP_BASE_WEIGHTS": Code(WARN, "The adapter brings embedding matrices that llama.cpp does not load; they "
+                                         "were not compared with the base model's.",
+                                   "Give --base with the base model's weights to check them."),
+    "LLAMA_CPP_BASE_UNKNOWN": Code(WARN, "Without the base model, its architecture, tensor names and tied embeddings "
+                                         "cannot be checked for llama.cpp.", "Give --base."),
+    "MLX_ARCH": Code(ERR, "The base model's architecture is not one lora-hub maps to mlx-lm (llama, mistral, qwen2, "
+                          "qwen3), whose module names are per architecture.",
+                     "Merge the adapter (lora-hub apply --merge --output DIR) and convert that model with "
+                     "mlx_lm.convert."),
+    "MLX_MODULE": Code(ERR, "A module mlx-lm cannot wrap as PEFT applies it (an expert parameter, a layer that is not "
+                            "linear or an embedding).", "Merge the adapter, or retrain without that module."),
+    "MLX_TIED": Code(ERR, "LoRA on an embedding tied to the output projection (mlx-lm's LoRAEmbedding adapts both), "
+                          "or on an output projection that has no module of its own.",
+                     "Merge the adapter and convert the merged model."),
+    "MLX_DORA": Code(ERR, "DoRA on some modules only: mlx-lm's fine_tune_type makes every module DoRA or none.",
+                     "Merge the adapter, or retrain with DoRA on every module."),
+    "MLX_MODULES_TO_SAVE": Code(ERR, "modules_to_save: an mlx-lm adapter carries LoRA factors only.",
+                                "Merge the adapter and convert the merged model."),
+    "MLX_LORA_BIAS": Code(ERR, "mlx-lm does not apply lora_bias (a bias on lora_B).",
+                          "Merge the adapter and convert the merged model."),
+    "MLX_TRAINABLE_TOKENS": Code(ERR, "mlx-lm does not read trainable tokens.",
+                                 "Merge the adapter and convert the merged model."),
+    "MLX_BASE_WEIGHTS_DIFFER": Code(ERR, "The embedding matrices the adapter brings differ from the base model's, and "
+                                         "mlx-lm runs the base model's own.",
+                                    "Merge the adapter and convert the merged model."),
+    "MLX_BASE_WEIGHTS": Code(WARN, "The adapter brings embedding matrices that mlx-lm does not load; they were not "
+                                   "compared with the base model's.",
+                             "Give --base with the base model's weights to check them."),
+    "MLX_BASE_UNKNOWN": Code(WARN, "Without the base model, its architecture and tied embeddings cannot be checked "
+                                   "for mlx-lm.", "Give --base."),
     "LORA_HUB_NOT_CANONICAL": Code(WARN, "The file is valid but not in canonical form (spec/FORMAT.md 16).",
                                    "Re-save it with lora-hub."),
     "LORA_HUB_UNKNOWN_KEY": Code(WARN, "Config or metadata keys that the format does not define (readers ignore "

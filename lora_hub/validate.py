@@ -5,7 +5,8 @@
     header  structure, limits, metadata, config, tensor index          reads the header only
     full    tensor contents streamed in bounded chunks (NaN/Inf, untrained modules, outliers, checksum)
     base    every module exists in the base model and fits it           config.json on the meta device
-    profile whether the file will work where it is headed               peft, vllm, lora-hub (spec/PROFILES.md)
+    profile whether the file will work where it is headed               peft, vllm, llama.cpp, mlx, lora-hub
+                                                                         (spec/PROFILES.md)
 
 Every problem is a `Finding` with a stable code (lora_hub.findings, spec/CODES.md). `validate` does not raise for a
 bad file: what stops one tier is a finding, and the other tiers still run where they can.
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
     from .basemodel import BaseModelInfo, BaseSource
 
 Level = Literal["header", "full"]
-Profile = Literal["peft", "vllm", "lora-hub"]
+Profile = Literal["peft", "vllm", "llama.cpp", "mlx", "lora-hub"]
 LEVELS = ("header", "full")
-PROFILES = ("peft", "vllm", "lora-hub")
+PROFILES = ("peft", "vllm", "llama.cpp", "mlx", "lora-hub")
 OUTLIER_RATIO = 100.0
 """A LoRA factor whose largest value exceeds this multiple of the median over its role (all lora_A, or all lora_B)
 is reported as MAGNITUDE_OUTLIER; adapters with fewer than 4 modules have no distribution to compare with."""
@@ -65,8 +66,9 @@ def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, 
             local cache, a config or a loaded model); adds the base tier.
         level: "header" reads only the header (its cost does not grow with the file); "full" also streams every
             tensor's contents in bounded chunks.
-        profile: Also check that the file will work in "peft" (PeftModel) or "vllm", or that it is a strict
-            "lora-hub" file (spec/PROFILES.md).
+        profile: Also check that the file will work in "peft" (PeftModel), "vllm", "llama.cpp" or "mlx" (mlx-lm)
+            with PeftModel's result, once converted where it needs to be, or that it is a strict "lora-hub" file
+            (spec/PROFILES.md).
         allow_pickle: Open pickle checkpoints (weights_only, on the CPU); without it they get PICKLE_REFUSED.
         convert_options: For layouts that need them, such as loralib's alpha (see `convert_adapter`).
 
@@ -95,7 +97,7 @@ def validate(source: str | os.PathLike[str], *, base: BaseSource | None = None, 
         if base is not None:
             run.guard(lambda: run.base_tier(base))
         if profile is not None:
-            run.guard(lambda: getattr(run, f"profile_{profile.replace('-', '_')}")())
+            run.guard(lambda: getattr(run, f"profile_{profile.replace('-', '_').replace('.', '_')}")())
     return report
 
 
@@ -495,28 +497,47 @@ class _Validation(_Findings):
     def same_as_base(self, module: str) -> bool | None:
         """Whether the base weight the adapter brings for `module` equals the base model's, or None when the base
         given has no weights to compare with."""
-        import torch
+        from .basemodel import same_base_weight
 
-        from .basemodel import LiveBase, read_weights
+        if self.base_source is None:
+            return None
+        return same_base_weight(self.adapter(), module, self.base_source, self.base_info)
+
+    def profile_llama_cpp(self) -> None:
+        """What to_gguf refuses, and so what llama.cpp would not run with PeftModel's result (spec/PROFILES.md)."""
+        from .convert.runtimes import llama_cpp_problems
+
+        self.runtime_profile(llama_cpp_problems)
+
+    def profile_mlx(self) -> None:
+        """What to_mlx refuses, and so what mlx-lm would not run with PeftModel's result (spec/PROFILES.md)."""
+        from .convert.runtimes import mlx_problems
+
+        self.runtime_profile(mlx_problems)
+
+    def runtime_profile(self, problems: Callable[..., list]) -> None:
+        """The problems the runtime's writer checks, for this adapter (enable_lora modules in their exact plain form)
+        against the base given, else the base model it declares when that can be described."""
+        from .basemodel import describe_base, same_base_weight
         from .errors import BaseModelError
 
-        owner = self.base_info.tied.get(module, module) if self.base_info is not None else module
-        base = self.base_source
-        try:
-            if isinstance(base, LiveBase):
-                theirs = base.modules[owner].weight
-            elif isinstance(base, torch.nn.Module):
-                theirs = base.get_submodule(owner).weight
-            elif isinstance(base, (str, os.PathLike)):
-                theirs = read_weights(base, [f"{owner}.weight"])[f"{owner}.weight"]
-            else:
-                return None
-        except (BaseModelError, AttributeError, KeyError, OSError):
-            return None
-        ours = self.adapter().base_weight(module)
-        if theirs.is_meta or tuple(theirs.shape) != tuple(ours.shape):
-            return None if theirs.is_meta else False
-        return torch.equal(ours, theirs.detach().to(device=ours.device, dtype=ours.dtype))
+        info, source = self.base_info, self.base_source
+        declared = self.config.base_model.name if self.config.base_model else None
+        if info is None and declared:
+            try:
+                info, source = describe_base(declared, task_type=self.config.task_type), declared
+            except BaseModelError:
+                info = None
+        modules = {m: replace(s, r=s.r * s.groups, alpha=s.alpha * (math.sqrt(s.groups) if s.rslora else s.groups),
+                              enable_lora=None) if s.enable_lora is not None else s
+                   for m, s in self.config.modules.items()}
+        config = replace(self.config, modules=modules)
+
+        def same(module: str) -> bool | None:
+            return same_base_weight(self.adapter(), module, source, info) if source is not None else None
+
+        for problem in problems(config, info, same):
+            self.add(problem.code, problem.message, module=problem.module)
 
     def profile_lora_hub(self) -> None:
         if self.detected.layout is not Layout.LORA_HUB:

@@ -52,7 +52,7 @@ EXPECTED: dict[str, Converts | Refused] = {
     "loralib/microsoft-LoRA/roberta_base_lora_mnli.bin#no-alpha": Refused("PARAMETER_REQUIRED", pickle=True),
     "diffusers/*": Refused("LAYOUT_UNSUPPORTED"),
     "mlx/*": Refused("LAYOUT_UNSUPPORTED"),
-    "gguf/*": Refused("LAYOUT_UNSUPPORTED"),
+    "gguf/*": Refused("LLAMA_CPP_ARCH"),  # GPT-2, whose llama.cpp layout lora-hub does not map
     "odd/hirvita6-2byte": Refused("FILE_TRUNCATED"),
     "odd/depi-sd-fake": Refused("LAYOUT_UNSUPPORTED"),
     "odd/flux-aitoolkit-mislabelled-sd15": Refused("LAYOUT_UNSUPPORTED"),

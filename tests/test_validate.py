@@ -281,7 +281,7 @@ def test_report_serialises_and_usage_errors_raise(tmp_path: Path) -> None:
     assert data["findings"][0]["fix"] == CATALOGUE["OFFSET_OVERLAP"].fix
     with pytest.raises(ValueError, match="header, full"):
         lora_hub.validate(tmp_path, level="deep")
-    with pytest.raises(ValueError, match="peft, vllm, lora-hub"):
+    with pytest.raises(ValueError, match="peft, vllm, llama.cpp, mlx, lora-hub"):
         lora_hub.validate(tmp_path, profile="tgi")
 
 
@@ -312,8 +312,8 @@ EXPECTED_VERDICTS: dict[str, tuple[bool, list[str]]] = {
     "diffusers/wellch4n-pokemon": (False, ["LAYOUT_UNSUPPORTED"]),
     "mlx/tesla1900-npz": (False, ["LAYOUT_UNSUPPORTED"]),
     "mlx/vtboyarc-npz": (False, ["LAYOUT_UNSUPPORTED"]),
-    "gguf/gpt2-tigrinya-lora-f32.gguf": (False, ["LAYOUT_UNSUPPORTED"]),
-    "gguf/yoonyerin-gpt2-lora-f16.gguf": (False, ["LAYOUT_UNSUPPORTED"]),
+    "gguf/gpt2-tigrinya-lora-f32.gguf": (False, ["LLAMA_CPP_ARCH"]),
+    "gguf/yoonyerin-gpt2-lora-f16.gguf": (False, ["LLAMA_CPP_ARCH"]),
     "odd/hirvita6-2byte": (False, ["FILE_TRUNCATED"]),
     "odd/depi-sd-fake": (False, ["LAYOUT_UNSUPPORTED"]),
     "odd/flux-aitoolkit-mislabelled-sd15": (False, ["LAYOUT_UNSUPPORTED"]),

@@ -1,7 +1,9 @@
-"""Readers for the adapter layouts people have (one module per layout), and the writer back to PEFT.
+"""Readers for the adapter layouts people have (one module per layout), and the writers to PEFT, llama.cpp and
+mlx-lm.
 
 `convert_adapter` detects the layout of a file or folder and reads it into an `Adapter`: lora-hub files, PEFT folders
-(safetensors, or the legacy pickle on opt-in), early-PEFT MergedLinear checkpoints, and loralib state dicts.
+(safetensors, or the legacy pickle on opt-in), early-PEFT MergedLinear checkpoints, loralib state dicts, llama.cpp's
+GGUF adapters and mlx-lm's adapter folders.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from ..adapter import Adapter
 from .layouts import Detected as Detected
 from .layouts import Layout as Layout
 from .layouts import detect_layout as detect_layout
+from .llamacpp import from_gguf as from_gguf
+from .llamacpp import to_gguf as to_gguf
 from .loralib import from_loralib as from_loralib
+from .mlxlm import from_mlx as from_mlx
+from .mlxlm import to_mlx as to_mlx
 from .peft import from_peft as from_peft
 from .peft import read_peft
 from .peft_export import expand_enable_lora as expand_enable_lora
@@ -30,9 +36,13 @@ __all__ = [
     "convert_adapter",
     "detect_layout",
     "expand_enable_lora",
+    "from_gguf",
     "from_loralib",
+    "from_mlx",
     "from_peft",
     "peft_config",
+    "to_gguf",
+    "to_mlx",
     "to_peft",
 ]
 
@@ -54,10 +64,12 @@ def convert_adapter(
     """Reads an adapter in any layout lora-hub knows into an Adapter.
 
     Args:
-        source: A lora-hub file, a PEFT folder (or its weights file), or a loralib checkpoint.
+        source: A lora-hub file, a PEFT folder (or its weights file), a loralib checkpoint, a llama.cpp GGUF
+            adapter, or an mlx-lm adapter folder.
         base: The base model (a model folder, config.json, cached Hub id, config or model; see `describe_base`).
             When given, every module is checked against it, fan_in_fan_out comes from the layer kinds, and the
-            base model's type and fingerprint are recorded.
+            base model's type and fingerprint are recorded. GGUF adapters need it (or one they declare) to map
+            llama.cpp's tensor names back.
         allow_pickle: Allow pickle checkpoints (.bin, .pt), loaded with weights_only=True on the CPU.
         alpha, r, enable_lora, fan_in_fan_out: What loralib checkpoints do not record (see `from_loralib`).
         verify: Check a lora-hub file's bytes against its recorded checksum now (one streamed read). Without it the
@@ -80,6 +92,10 @@ def convert_adapter(
         >>> lora_hub.save_adapter(adapter, "adapter.safetensors")
     """
     detected = detect_layout(source)
+    if detected.layout in (Layout.GGUF, Layout.MLX):  # names and kinds come from the base model
+        read = from_gguf if detected.layout is Layout.GGUF else from_mlx
+        where = detected.weights if detected.layout is Layout.GGUF else detected.weights.parent
+        return read(where, base=base if base is not None else reference_base)
     if detected.layout is Layout.LORALIB:
         source = detected.weights if detected.header is None else detected.header
         return from_loralib(source, alpha=alpha, r=r, enable_lora=enable_lora,

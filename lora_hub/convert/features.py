@@ -50,6 +50,9 @@ REFUSALS: dict[str, Refusal] = {
     "parameter_2d": Refusal("FEATURE_PARAMETER_2D", "target_parameters on a 2-D parameter",
                             "the format's experts kind covers 3-D expert parameters",
                             "Target the module that owns the parameter (target_modules) instead."),
+    "mlx_experts": Refusal("FEATURE_MLX_EXPERTS", "mlx-lm LoRA on SwitchLinear expert layers",
+                           "their (experts, r, in) factors follow mlx-lm's fused expert layout, which lora-hub does "
+                           "not map to the base model's expert parameters", "Run it with mlx-lm."),
     "monteclora": Refusal("FEATURE_MONTECLORA", "MonteCLoRA (monteclora_config)",
                           "it samples its update at run time", "Serve it with PEFT."),
     "bdlora": Refusal("FEATURE_BDLORA", "BD-LoRA (use_bdlora)",

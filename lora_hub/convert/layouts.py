@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..format import SafetensorsHeader, read_safetensors_header
 from ..jsontext import is_json_int, is_json_number, strict_loads
+from .mlxlm import MLX_WEIGHTS, is_mlx_config, read_mlx_config
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,6 +44,10 @@ class Layout(str, enum.Enum):
     PEFT_MERGED_LINEAR = "peft-merged-linear"
     """Early PEFT (0.2) MergedLinear checkpoints: enable_lora in the config, lora_B stored as a Conv1d weight."""
     LORALIB = "loralib"
+    GGUF = "gguf"
+    """llama.cpp LoRA adapters (general.type adapter, adapter.type lora)."""
+    MLX = "mlx-lm"
+    """mlx-lm adapter folders: adapters.safetensors and its adapter_config.json (lora_parameters)."""
 
 
 class FileKind(str, enum.Enum):
@@ -126,7 +131,7 @@ def read_peft_config(path: Path) -> dict:
     Raises:
         PeftConfigError: Unreadable, not a JSON object, or over MAX_PEFT_CONFIG_BYTES.
         UnsupportedFeatureError: Another PEFT method (prefix tuning, IA3, ...).
-        UnsupportedLayoutError: An MLX-LM adapter config.
+        PeftConfigError: An mlx-lm adapter config.
     """
     if path.stat().st_size > C.MAX_PEFT_CONFIG_BYTES:
         raise PeftConfigError(f"over the {C.MAX_PEFT_CONFIG_BYTES:,}-byte limit for adapter_config.json", path=path)
@@ -136,9 +141,9 @@ def read_peft_config(path: Path) -> dict:
         raise PeftConfigError(f"not valid JSON: {e}", path=path) from e
     if not isinstance(config, dict):
         raise PeftConfigError("adapter_config.json must hold one JSON object", path=path)
-    if "lora_parameters" in config or "fine_tune_type" in config:
-        raise UnsupportedLayoutError("an MLX-LM adapter config; lora-hub does not read MLX adapters yet",
-                                     layout="mlx", path=path)
+    if is_mlx_config(config):
+        raise PeftConfigError("an mlx-lm adapter config (lora_parameters), not PEFT's: mlx-lm's weights are "
+                              f"{MLX_WEIGHTS}", path=path)
     _check_peft_types(config, path)
     peft_type = config.get("peft_type", "LORA" if "r" in config else None)
     if peft_type != "LORA":
@@ -205,6 +210,8 @@ def classify_names(names: Iterable[str]) -> str | None:
 
 def _detect_folder(folder: Path) -> Detected:
     config = folder / PEFT_CONFIG
+    if (folder / MLX_WEIGHTS).is_file():
+        return _detect_file(folder / MLX_WEIGHTS, config if config.is_file() else None)
     for name in PEFT_WEIGHTS:
         if (folder / name).is_file():
             return _detect_file(folder / name, config if config.is_file() else None)
@@ -232,11 +239,18 @@ def _detect_file(path: Path, config: Path | None) -> Detected:
         raise LfsPointerError("a Git LFS pointer, not the file it points to: fetch the content (`git lfs pull`, or "
                               "download the file from the Hub)", path=path)
     if kind is FileKind.GGUF:
-        raise UnsupportedLayoutError("a GGUF adapter (llama.cpp); lora-hub does not read GGUF", layout="gguf",
-                                     path=path)
+        return Detected(Layout.GGUF, path, None, kind)
     if kind is FileKind.NPZ:
-        raise UnsupportedLayoutError("a NumPy .npz archive (MLX-LM adapters.npz); lora-hub does not read MLX "
-                                     "adapters yet", layout="mlx", path=path)
+        raise UnsupportedLayoutError("a NumPy .npz archive (the adapters.npz of early MLX examples); mlx-lm writes "
+                                     "adapters.safetensors, which lora-hub reads: load it in mlx and save it as "
+                                     "safetensors (mx.save_safetensors)", layout="mlx", path=path)
+    if path.name == MLX_WEIGHTS:
+        if config is None:
+            raise ConfigMissingError(f"mlx-lm adapter weights without {PEFT_CONFIG} beside them: the rank, scale and "
+                                     "keys are unknown; put the adapter's adapter_config.json next to the file",
+                                     path=path)
+        read_mlx_config(config)
+        return Detected(Layout.MLX, path, config, kind)
     header = read_safetensors_header(path) if kind is FileKind.SAFETENSORS else None
     if header is not None and C.METADATA_FORMAT_VERSION in header.metadata:
         return Detected(Layout.LORA_HUB, path, None, kind, header=header)  # a PEFT config beside it is derived

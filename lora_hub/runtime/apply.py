@@ -42,6 +42,8 @@ def open_with_adapter(source: str | os.PathLike[str] | Adapter, *, base: str | N
     from ..convert import convert_adapter
     from ..hub import locate
 
+    if base is not None:  # names what a GGUF adapter needs mapped back, the order of expert parameters, ...
+        convert_options = {"reference_base": base, **convert_options}
     adapter = source if isinstance(source, Adapter) else convert_adapter(locate(source), allow_pickle=allow_pickle,
                                                                          **convert_options)
     declared = adapter.config.base_model.name if adapter.config.base_model else None
