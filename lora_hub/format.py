@@ -363,6 +363,8 @@ def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], dict
     if not body.endswith("}"):
         raise HeaderEncodingError("the header may be padded only with spaces (0x20)")
     metadata = obj.pop("__metadata__", {})
+    if metadata is None:  # what mlx writes (mx.save_safetensors); the safetensors library reads it as no metadata
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise HeaderSchemaError("__metadata__ must be an object whose values are all strings")
     if len(obj) > C.MAX_TENSORS:

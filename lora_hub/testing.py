@@ -17,6 +17,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                   max_position_embeddings=128),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=128, max_position_embeddings=128, sliding_window=None),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                  max_position_embeddings=128, tie_word_embeddings=False),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                  max_position_embeddings=128, tie_word_embeddings=False),
     "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=2, n_head=4,
                  vocab_size=128, n_positions=128, bos_token_id=0, eos_token_id=0),
     "bloom": dict(model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=64, n_layer=2, n_head=4,
@@ -24,11 +33,14 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "opt": dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                 num_attention_heads=4, vocab_size=128, max_position_embeddings=128, word_embed_proj_dim=64),
 }
-"""Small configs of four architectures: Llama and OPT (nn.Linear), GPT-2 (Conv1D, fused c_attn) and BLOOM (fused
+"""Small configs: Llama, Mistral, Qwen2, Qwen3 and OPT (nn.Linear), GPT-2 (Conv1D, fused c_attn) and BLOOM (fused
 query_key_value)."""
 
 LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],

@@ -289,7 +289,7 @@ class _Validation(_Findings):
                     self.add(warning.category.code, str(warning.message))
             self.config, self.converted = adapter.config, adapter
             self.shapes = adapter.tensor_shapes()
-            if detected.kind is FileKind.SAFETENSORS:
+            if detected.header is not None and detected.layout is not Layout.MLX:  # MLX's tensors are transposed
                 self.header = detected.header
             else:
                 self.tensors = adapter.tensors
