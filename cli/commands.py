@@ -35,6 +35,21 @@ class BoolList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of booleans (for example 1,0,1)", param, ctx)
 
 
+class FormList(click.ParamType):
+    """A comma-separated list of the forms push adds beside the PEFT files: gguf, mlx."""
+
+    name = "forms"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        forms = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = [f for f in forms if f not in ("gguf", "mlx")]
+        if unknown:
+            self.fail(f"{', '.join(unknown)}: the forms are gguf and mlx (for example gguf,mlx)", param, ctx)
+        return forms
+
+
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -237,12 +252,17 @@ def apply(adapter: str | None, base: str | None, load_in_8bit: bool, merge: bool
 @click.option("-m", "--message", help="The commit message.")
 @click.option("--endpoint", help="The Hub URL (default: HF_ENDPOINT, else huggingface.co).")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
+@click.option("--with", "with_forms", type=FormList(), default="",
+              help="Also push these forms beside the PEFT files: gguf (llama.cpp), mlx (mlx-lm), e.g. gguf,mlx.")
+@click.option("--base", help="The base model the GGUF and mlx forms are laid out for (folder, config.json, or Hub id "
+                             "in the local cache); default: the one the adapter declares.")
 def push(path: str, repo: str, private: bool, branch: str | None, message: str | None, endpoint: str | None,
-         allow_pickle: bool) -> None:
+         allow_pickle: bool, with_forms: list[str], base: str | None) -> None:
     """Push the adapter at PATH (any layout lora-hub reads) to the Hub repository REPO as a lora-hub file that is
-    also a PEFT adapter, with a model card. The token comes from HF_TOKEN or the saved login."""
+    also a PEFT adapter, with a model card, and with --with its llama.cpp and mlx-lm forms. The token comes from
+    HF_TOKEN or the saved login."""
     result = lora_hub.push(path, repo, private=private, branch=branch, commit_message=message, endpoint=endpoint,
-                           allow_pickle=allow_pickle)
+                           allow_pickle=allow_pickle, with_forms=with_forms, base=base)
     echo(f"pushed {path} to {result.url} ({result.revision} @ {result.commit[:12]})")
 
 
@@ -251,12 +271,15 @@ def push(path: str, repo: str, private: bool, branch: str | None, message: str |
 @click.option("--revision", help="A branch, tag or commit (default: main).")
 @click.option("--force", is_flag=True, help="Keep an adapter that fails validation (it is flagged invalid).")
 @click.option("--endpoint", help="The Hub URL (default: HF_ENDPOINT, else huggingface.co).")
-def pull(repo: str, revision: str | None, force: bool, endpoint: str | None) -> None:
+@click.option("--form", type=click.Choice(["peft", "gguf", "mlx"]), default="peft", show_default=True,
+              help="Also download this form (pushed with --with) and print its path: gguf for llama.cpp, mlx for "
+                   "mlx-lm.")
+def pull(repo: str, revision: str | None, force: bool, endpoint: str | None, form: str) -> None:
     """Download the adapter in the Hub repository REPO into the Hugging Face cache, validate it, and record it in
     the local registry. Offline (HF_HUB_OFFLINE=1) it is served from the cache."""
     from lora_hub.hub import registry_name
 
-    path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint)
+    path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint, form=form)
     entry = lora_hub.Registry().get(registry_name(repo, revision))
     flag = "" if entry.valid else f"  INVALID ({', '.join(entry.findings)})"
     echo(f"{entry.name} @ {entry.commit_sha[:12]}: {_size(entry.size)}, rank {_ranks(entry)}, "

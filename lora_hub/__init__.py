@@ -48,6 +48,7 @@ from .errors import FeatureUnknownError as FeatureUnknownError
 from .errors import FileChangedError as FileChangedError
 from .errors import FileTruncatedError as FileTruncatedError
 from .errors import FormatVersionError as FormatVersionError
+from .errors import FormMissingError as FormMissingError
 from .errors import GgufError as GgufError
 from .errors import HeaderEncodingError as HeaderEncodingError
 from .errors import HeaderJSONError as HeaderJSONError
@@ -160,6 +161,7 @@ __all__ = [
     "FileTruncatedError",
     "Finding",
     "FormatVersionError",
+    "FormMissingError",
     "GgufError",
     "HeaderEncodingError",
     "HeaderJSONError",

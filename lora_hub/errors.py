@@ -434,6 +434,12 @@ class NotAnAdapterRepoError(HubError, FileNotFoundError):
     code = "HUB_NOT_AN_ADAPTER"
 
 
+class FormMissingError(HubError, FileNotFoundError):
+    """The repository holds the adapter but not in the form asked for (GGUF, mlx-lm)."""
+
+    code = "HUB_FORM_MISSING"
+
+
 class AdapterRejectedError(HubError, ValueError):
     """Validation found errors in a pulled (or to-be-pushed) adapter; it was not registered or pushed.
 

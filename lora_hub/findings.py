@@ -133,6 +133,8 @@ CATALOGUE: dict[str, Code] = {
                            "Pull it once while online, or unset HF_HUB_OFFLINE."),
     "HUB_NOT_AN_ADAPTER": Code(ERR, "The repository holds no adapter_model.safetensors, adapter_model.bin or "
                                     "adapter_config.json.", "Check the repository id and revision."),
+    "HUB_FORM_MISSING": Code(ERR, "The repository holds the adapter, but not in the form asked for (GGUF, mlx-lm).",
+                             "Push it with --with gguf,mlx, or convert the PEFT form (lora-hub convert --to)."),
     "ADAPTER_REJECTED": Code(ERR, "Validation found errors; the adapter was not registered or pushed.",
                              "Run lora-hub validate on it; pass force=True (--force) to keep it anyway, flagged."),
     "NOT_IN_REGISTRY": Code(ERR, "No registry entry of that name, or its file is gone.",

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,17 @@ from .registry import Registry, RegistryEntry
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
+    from .basemodel import BaseSource
+
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 CONFIG = "adapter_config.json"
+GGUF_FILE = "adapter.gguf"
+"""The llama.cpp form of a pushed adapter (`push(..., with_forms=["gguf"])`)."""
+MLX_FOLDER = "mlx"
+"""The folder of the mlx-lm form (adapters.safetensors and its adapter_config.json)."""
+FORMS = ("peft", "gguf", "mlx")
+"""The forms a repository can hold: PEFT's (always; also the lora-hub file), llama.cpp's and mlx-lm's."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}"
                       r"[A-Za-z0-9])?$")
 _READ_CHUNK = 4 * 1024 * 1024
@@ -77,12 +85,16 @@ def registry_name(repo_id: str, revision: str | None = None) -> str:
 def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, private: bool = False,
          token: str | None = None, endpoint: str | None = None, branch: str | None = None,
          commit_message: str | None = None, api: HfApi | None = None, allow_pickle: bool = False,
-         **convert_options: Any) -> PushResult:
+         with_forms: Sequence[str] = (), base: BaseSource | None = None, **convert_options: Any) -> PushResult:
     """Pushes an adapter as one commit: adapter_model.safetensors (the lora-hub file), adapter_config.json (PEFT's
-    config), and a model card README.md.
+    config), a model card README.md, and the forms asked for beside them, so that one repository serves PEFT, vLLM,
+    llama.cpp and mlx-lm users.
 
     Args:
         adapter_or_path: An Adapter, or any adapter `convert_adapter` reads (lora-hub file, PEFT folder, ...).
+        with_forms: Also push "gguf" (adapter.gguf, for llama.cpp, Ollama, LM Studio) and "mlx" (mlx/, for
+            mlx-lm); each is written exactly or refused by name (ExportError) before anything is pushed.
+        base: The base model those forms are laid out for (see `to_gguf`); by default the declared one.
         repo_id: `namespace/name`; created if it does not exist (`private` applies then).
         token: A write token; by default huggingface_hub's (HF_TOKEN, then the saved login).
         endpoint: The Hub URL; by default huggingface_hub's (HF_ENDPOINT, else huggingface.co).
@@ -91,14 +103,18 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
 
     Raises:
         AdapterRejectedError: The adapter fails validation (nothing is pushed).
+        ExportError: A form asked for cannot carry the adapter exactly (nothing is pushed).
         HubAccessError, RepoNotFoundError, HubUnreachableError, HubError: The Hub refused or was unreachable.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .convert import convert_adapter, to_peft
+    from .convert import convert_adapter, to_gguf, to_mlx, to_peft
     from .validate import validate
 
     check_repo_id(repo_id)
+    unknown = [f for f in with_forms if f not in FORMS]
+    if unknown:
+        raise ValueError(f"with_forms takes {', '.join(FORMS[1:])}, not {', '.join(map(repr, unknown))}")
     adapter = adapter_or_path if isinstance(adapter_or_path, Adapter) else \
         convert_adapter(adapter_or_path, allow_pickle=allow_pickle, **convert_options)
     with tempfile.TemporaryDirectory(prefix="lora-hub-push-") as folder:
@@ -108,9 +124,17 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
             raise AdapterRejectedError(f"the adapter fails validation ({', '.join(f.code for f in report.errors)}); "
                                        "nothing was pushed", findings=report.errors,
                                        path=getattr(adapter, "source", None))
-        (Path(folder) / "README.md").write_text(model_card(adapter, repo_id), encoding="utf-8")
+        names = [WEIGHTS, CONFIG, "README.md"]
+        if "gguf" in with_forms:
+            to_gguf(adapter, Path(folder) / GGUF_FILE, base=base)
+            names.append(GGUF_FILE)
+        if "mlx" in with_forms:
+            to_mlx(adapter, Path(folder) / MLX_FOLDER, base=base)
+            names += [f"{MLX_FOLDER}/{n}" for n in ("adapters.safetensors", "adapter_config.json")]
+        forms = [f for f in FORMS if f == "peft" or f in with_forms]
+        (Path(folder) / "README.md").write_text(model_card(adapter, repo_id, forms), encoding="utf-8")
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name))
-                      for name in (WEIGHTS, CONFIG, "README.md")]
+                      for name in names]
         api = api if api is not None else HfApi(endpoint=endpoint, token=token)
         with _hub(repo_id, api.endpoint):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -123,7 +147,7 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
 
 def pull(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
          force: bool = False, cache_dir: str | os.PathLike[str] | None = None,
-         registry: Registry | None = None, api: HfApi | None = None) -> Path:
+         registry: Registry | None = None, api: HfApi | None = None, form: str = "peft") -> Path:
     """Downloads an adapter repository's adapter files into the Hugging Face cache, validates them, and records
     them in the registry under `repo_id` (or `repo_id@revision`).
 
@@ -132,13 +156,17 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
     sha256 (see lora_hub.transfer). Reads repositories pushed by lora-hub and plain PEFT ones;
     a legacy adapter_model.bin is downloaded only when there is no safetensors file (and never unpickled here).
     `api` (an HfApi) may stand for `endpoint` and `token`; `registry` and `cache_dir` default to the user's.
+    `form` "gguf" or "mlx" also downloads that form of the adapter (pushed with `with_forms`) and returns it, for
+    llama.cpp or mlx-lm; the adapter is validated and registered from its PEFT form all the same.
 
     Returns:
-        The adapter: the lora-hub file, or the snapshot folder for a PEFT adapter.
+        The adapter: the lora-hub file, or the snapshot folder for a PEFT adapter; for `form` "gguf" the GGUF file,
+        for "mlx" the mlx-lm folder.
 
     Raises:
         AdapterRejectedError: The adapter fails validation (unless `force`: then it is registered, flagged invalid).
         RepoNotFoundError, RevisionNotFoundError, NotAnAdapterRepoError, NotCachedError, HubUnreachableError.
+        FormMissingError: The repository has no `form` form.
     """
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
@@ -147,6 +175,8 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
     from .validate import validate
 
     check_repo_id(repo_id)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     registry = registry if registry is not None else Registry()
     api = api if api is not None else HfApi(endpoint=endpoint, token=token)
     options = {"revision": revision, "token": token,
@@ -172,7 +202,25 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
                                    "registered. Run `lora-hub validate` on it, or pull with force=True (--force) to "
                                    "keep it flagged as invalid", findings=report.errors, path=target)
     registry.record(_entry(repo_id, revision, snapshot.name, target, weights, api.endpoint, codes))
-    return target
+    if form == "peft":
+        return target
+    return _pull_form(api, repo_id, form, snapshot.name, options)
+
+
+def _pull_form(api: HfApi, repo_id: str, form: str, commit: str, options: dict[str, Any]) -> Path:
+    """The GGUF or mlx-lm form of the adapter at the commit just pulled (so the forms come from the same push)."""
+    from .errors import FormMissingError
+
+    patterns = [GGUF_FILE] if form == "gguf" else [f"{MLX_FOLDER}/adapters.safetensors",
+                                                   f"{MLX_FOLDER}/adapter_config.json"]
+    with _hub(repo_id, api.endpoint, commit):
+        snapshot = Path(api.snapshot_download(repo_id, allow_patterns=patterns, **{**options, "revision": commit}))
+    found = snapshot / (GGUF_FILE if form == "gguf" else MLX_FOLDER)
+    if not all((snapshot / p).is_file() for p in patterns):
+        raise FormMissingError(f"{repo_id} @ {commit[:12]} has no {form} form ({', '.join(patterns)}): push it with "
+                               f"`lora-hub push ... --with {form}`, or convert the PEFT form yourself "
+                               f"(`lora-hub convert {repo_id} -o OUT --to {form}`)")
+    return found
 
 
 def locate(source: str | os.PathLike[str], *, registry: Registry | None = None, **pull_options: Any) -> Path:
@@ -211,8 +259,9 @@ def remove(name: str, *, from_cache: bool = False, registry: Registry | None = N
     return entry
 
 
-def model_card(adapter: Adapter, repo_id: str) -> str:
-    """The README.md of a pushed adapter: YAML front matter for the Hub, a summary, and usage snippets."""
+def model_card(adapter: Adapter, repo_id: str, forms: Sequence[str] = ("peft",)) -> str:
+    """The README.md of a pushed adapter: YAML front matter for the Hub, a summary, and usage snippets for each form
+    the repository holds."""
     config = adapter.config
     base = config.base_model.name if config.base_model and config.base_model.name else None
     tags = ["lora", "lora-hub", "peft", *[t for t in config.tags if t not in ("lora", "lora-hub", "peft")]]
@@ -244,6 +293,12 @@ def model_card(adapter: Adapter, repo_id: str) -> str:
         "With PEFT:", "", "```python", "from peft import PeftModel", "",
         f'model = PeftModel.from_pretrained(base_model, "{repo_id}")', "```", "",
     ]
+    if "gguf" in forms:
+        lines += [f"With llama.cpp (the base model converted by its convert_hf_to_gguf.py): `{GGUF_FILE}`, e.g. "
+                  f"`lora-hub pull {repo_id} --form gguf` then `llama-cli -m base.gguf --lora PATH`.", ""]
+    if "mlx" in forms:
+        lines += [f"With mlx-lm: the `{MLX_FOLDER}/` folder, e.g. `lora-hub pull {repo_id} --form mlx` then "
+                  "`mlx_lm.generate --model BASE --adapter-path PATH`.", ""]
     return "\n".join(lines)
 
 

@@ -365,3 +365,16 @@ def test_control_characters_from_files_are_escaped_on_the_terminal(run, tmp_path
     for args in (["validate", weird], ["inspect", weird], ["convert", weird, "-o", tmp_path / "o.safetensors"]):
         result = run(*args)
         assert result.exit_code == 1 and "\x1b" not in result.output and "\\x1b" in result.output, result.output
+
+
+def test_push_with_gguf_and_mlx_then_pull_each_form(run, hub, llama_adapter: Path, base_dirs) -> None:
+    env = {"HF_TOKEN": hub.alice}
+    pushed = run("push", llama_adapter, "alice/cli-forms", "--with", "gguf,mlx", "--base", base_dirs["llama"],
+                 env=env)
+    assert pushed.exit_code == 0, pushed.output
+    for form, name in (("gguf", "adapter.gguf"), ("mlx", "mlx")):
+        pulled = run("pull", "alice/cli-forms", "--form", form, env=env)
+        assert pulled.exit_code == 0, pulled.output
+        assert Path(pulled.stdout.strip().splitlines()[-1]).name == name
+    wrong = run("push", llama_adapter, "alice/cli-forms", "--with", "onnx", env=env)
+    assert wrong.exit_code == 2 and "the forms are gguf and mlx" in wrong.output

@@ -417,3 +417,36 @@ def test_model_card_front_matter_is_valid_yaml(base_dirs, tmp_path) -> None:
     assert front["base_model"] == str(base_dirs["llama"])
     assert 'PeftModel.from_pretrained(base_model, "alice/card")' in card
     assert json.loads(json.dumps(front)) == front
+
+
+def test_one_repository_serves_peft_llama_cpp_and_mlx_users(hub: Hub, base_dirs, tmp_path) -> None:
+    """push --with gguf,mlx writes the three forms in one commit; pull --form fetches the one asked for, from the
+    same commit, and each reads back as the adapter pushed."""
+    adapter = _adapter(tmp_path, base_dirs["llama"], seed=21, use_rslora=True)
+    lora_hub.push(adapter, "alice/everywhere", token=hub.alice, with_forms=["gguf", "mlx"])
+    files = sorted(HfApi(token=hub.alice).list_repo_files("alice/everywhere"))
+    assert files == ["README.md", "adapter.gguf", "adapter_config.json", "adapter_model.safetensors",
+                     "mlx/adapter_config.json", "mlx/adapters.safetensors"]
+    card = Path(hf_hub_download("alice/everywhere", "README.md")).read_text()
+    assert "--form gguf" in card and "--form mlx" in card
+    gguf_path = lora_hub.pull("alice/everywhere", form="gguf")
+    mlx_path = lora_hub.pull("alice/everywhere", form="mlx")
+    assert gguf_path.name == "adapter.gguf" and (mlx_path / "adapters.safetensors").is_file()
+    assert Registry().get("alice/everywhere").valid  # registered from its PEFT form
+    for path in (gguf_path, mlx_path):
+        back = lora_hub.convert_adapter(path, base=base_dirs["llama"])
+        for module in adapter.modules:
+            assert torch.allclose(back.delta_weight(module), adapter.delta_weight(module), atol=1e-6)
+    lora_hub.push(_adapter(tmp_path, base_dirs["llama"], seed=22), "alice/peft-only", token=hub.alice)
+    with pytest.raises(lora_hub.FormMissingError, match="--with gguf"):
+        lora_hub.pull("alice/peft-only", form="gguf")
+    tied = tmp_path / "tied"
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tied)
+    embedding = lora_hub.convert_adapter(random_peft_adapter(
+        tiny_model("llama", tie_word_embeddings=True), tmp_path / "emb", target_modules=["q_proj", "embed_tokens"]),
+        base=tied)
+    with pytest.raises(lora_hub.ExportError) as refused:
+        lora_hub.push(embedding, "alice/refused", token=hub.alice, with_forms=["gguf"], base=tied)
+    assert refused.value.code == "LLAMA_CPP_TIED"
+    with pytest.raises(hf_errors.RepositoryNotFoundError):  # nothing was pushed
+        HfApi(token=hub.alice).list_repo_files("alice/refused")
