@@ -523,3 +523,48 @@ def test_an_adapter_mlx_lm_made_reads_with_mlx_lms_logits(bases, fine_tune_type:
     own = np.abs(_peft_logits(kind, tmp_path / "peft") - exact).max()
     for logits in (reference, ours):  # mlx-lm's and lora-hub's, both float32
         assert np.abs(logits - exact).max() <= 2e-5 + 2 * own, (np.abs(logits - exact).max(), own)
+
+
+def test_runtime_loads_gguf_and_mlx_adapters_by_path(bases, tmp_path: Path) -> None:
+    """attach(model).load reads both layouts with the live model as the base that names their tensors."""
+    source = _peft("llama-gqa", "rslora", tmp_path / "peft")
+    adapter = lora_hub.convert_adapter(source, base=bases["llama-gqa"])
+    lora_hub.to_gguf(adapter, tmp_path / "adapter.gguf", base=bases["llama-gqa"])
+    lora_hub.to_mlx(adapter, tmp_path / "mlx", base=bases["llama-gqa"])
+    arch, overrides = _settings("llama-gqa")
+    model = tiny_model(arch, **overrides)
+    runtime = lora_hub.attach(model)
+    runtime.load("gguf", tmp_path / "adapter.gguf")
+    runtime.load("mlx", tmp_path / "mlx")
+    reference = _peft_logits("llama-gqa", source)
+    for name in ("gguf", "mlx"):
+        runtime.use(name)
+        with torch.no_grad():
+            ours = model(torch.tensor([IDS])).logits[0].numpy()
+        assert np.abs(ours - reference).max() <= 1e-5
+
+
+def test_mutated_gguf_files_get_a_verdict_not_a_crash(bases, tmp_path: Path) -> None:
+    """Every byte the reader trusts is bounded: flipped, truncated or extended files raise a LoraHubError (or read,
+    when the change is harmless), never another exception, and never allocate by a count read from the file."""
+    source = _peft("llama-gqa", "plain", tmp_path / "peft")
+    adapter = lora_hub.convert_adapter(source, base=bases["llama-gqa"])
+    good = lora_hub.to_gguf(adapter, tmp_path / "adapter.gguf", base=bases["llama-gqa"]).read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mutated.gguf"
+    outcomes = set()
+    for trial in range(300):
+        data = bytearray(good)
+        if trial % 3 == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                at = int(rng.integers(0, min(len(data), 4096)))  # the header and metadata, where counts live
+                data[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(data))
+        try:
+            lora_hub.convert_adapter(path, base=bases["llama-gqa"])
+            outcomes.add("read")
+        except lora_hub.LoraHubError as e:
+            outcomes.add(e.code)
+    assert "GGUF_INVALID" in outcomes and len(outcomes) > 1
