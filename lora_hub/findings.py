@@ -262,8 +262,9 @@ CATALOGUE: dict[str, Code] = {
     "LLAMA_CPP_MODULE": Code(ERR, "A module llama.cpp's layout has no tensor for (an expert parameter, a layer the "
                                   "architecture's GGUF does not keep apart).",
                              "Merge the adapter and convert the merged model, or retrain without that module."),
-    "LLAMA_CPP_TIED": Code(ERR, "LoRA on an embedding tied to the output projection (llama.cpp would adapt both), or "
-                                "on an output projection that has no weight of its own.",
+    "LLAMA_CPP_TIED": Code(ERR, "LoRA on an embedding tied to the output projection (llama.cpp applies it to the "
+                                "output projection too and aborts), or on an output projection that has no weight of "
+                                "its own.",
                            "Merge the adapter and convert the merged model."),
     "LLAMA_CPP_MODULES_TO_SAVE": Code(ERR, "modules_to_save: a GGUF adapter carries LoRA factors only.",
                                       "Merge the adapter and convert the merged model."),

@@ -568,3 +568,40 @@ def test_mutated_gguf_files_get_a_verdict_not_a_crash(bases, tmp_path: Path) -> 
         except lora_hub.LoraHubError as e:
             outcomes.add(e.code)
     assert "GGUF_INVALID" in outcomes and len(outcomes) > 1
+
+
+_FORCED_TIED = """
+import sys
+from pathlib import Path
+import lora_hub
+import lora_hub.convert.llamacpp as writer
+from tests import oracles
+writer.llama_cpp_problems = lambda *args: []  # what to_gguf refuses, written anyway
+adapter = lora_hub.convert_adapter(sys.argv[1], base=sys.argv[2])
+path = lora_hub.to_gguf(adapter, Path(sys.argv[3]) / "forced.gguf", base=sys.argv[2])
+oracles.llama_cpp_logits(Path(sys.argv[4]), path, [1, 5, 9])
+print("llama.cpp ran it")
+"""
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.slow
+def test_llama_cpp_aborts_on_the_tied_embedding_adapter_we_refuse(tmp_path: Path) -> None:
+    """Why LLAMA_CPP_TIED is an error: llama.cpp applies a token_embd adapter to the tied output projection too, and
+    aborts there (GGML_ASSERT in build_lora_mm). Run in a child process, which it kills."""
+    import subprocess
+    import sys
+
+    oracles.need_llama_cpp()
+    overrides = {"initializer_range": 0.1, "tie_word_embeddings": True}
+    base = save_tiny_model("llama", tmp_path / "base", tokenizer=False, **overrides)
+    oracles.add_sentencepiece_tokenizer(base, 100)
+    base_gguf = oracles.gguf_base(base, tmp_path / "base.gguf")
+    source = peft_adapter(tmp_path / "peft", tiny_model("llama", **overrides),
+                          target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(lora_hub.ExportError, match="aborts"):
+        lora_hub.to_gguf(lora_hub.convert_adapter(source, base=base), tmp_path / "refused.gguf", base=base)
+    arguments = [str(source), str(base), str(tmp_path), str(base_gguf)]
+    result = subprocess.run([sys.executable, "-c", _FORCED_TIED, *arguments], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode != 0 and "GGML_ASSERT" in result.stderr and "llama.cpp ran it" not in result.stdout

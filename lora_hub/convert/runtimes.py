@@ -137,8 +137,9 @@ def llama_cpp_problems(config: AdapterConfig, info: BaseModelInfo | None, same_a
             found.append(Problem("LLAMA_CPP_TIED", f"'{module}' shares its weight with '{info.tied[module]}': the "
                                  "base GGUF has no tensor of its own for it", module))
         elif spec.kind == "embedding" and module in owners:
-            found.append(Problem("LLAMA_CPP_TIED", f"'{module}' is tied to the output projection: llama.cpp would "
-                                 "apply its adapter to the output projection too", module))
+            found.append(Problem("LLAMA_CPP_TIED", f"'{module}' is tied to the output projection: llama.cpp applies "
+                                 "its adapter to the output projection too, where the shapes do not fit (it aborts)",
+                                 module))
         elif module not in names:
             found.append(Problem("LLAMA_CPP_MODULE", f"'{module}' has no tensor in llama.cpp's '{arch.name}' layout",
                                  module))
