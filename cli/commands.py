@@ -50,8 +50,19 @@ class FormList(click.ParamType):
         return forms
 
 
+def _resolved(source: str) -> str:
+    """The adapter a name stands for (a path, a registry name, a Hub id pulled now), said on stderr when it is not
+    a path."""
+    from lora_hub.hub import resolve
+
+    found = resolve(source)
+    if found.how != "path":
+        echo(f"{found}", err=True)
+    return str(found.path)
+
+
 @click.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with its settings.")
 @click.option("--allow-pickle", is_flag=True, help="Open pickle checkpoints (.bin/.pt) with weights-only loading.")
@@ -63,9 +74,10 @@ class FormList(click.ParamType):
               "(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), as PEFT saves it before training.")
 def inspect(path: str, as_json: bool, show_modules: bool, allow_pickle: bool, alpha: float | None, base: str | None,
             initial: str | None) -> None:
-    """Summarise the adapter at PATH: base model, modules, ranks, features, dtypes, size, layout."""
+    """Summarise the adapter at PATH (a file or folder, a registry name, or a Hub repo id): base model, modules,
+    ranks, features, dtypes, size, layout."""
     options = {k: v for k, v in (("base", base), ("initial", initial)) if v is not None}
-    summary = lora_hub.summarize(path, allow_pickle=allow_pickle, alpha=alpha, **options)
+    summary = lora_hub.summarize(_resolved(path), allow_pickle=allow_pickle, alpha=alpha, **options)
     if as_json:
         echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -120,7 +132,7 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
 
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="The lora-hub or GGUF file to write, or the folder for --to peft and --to mlx.")
 @click.option("--to", "target", type=click.Choice(["lora-hub", "peft", "gguf", "mlx"]), default="lora-hub",
@@ -143,9 +155,10 @@ def _summary_lines(summary: lora_hub.AdapterSummary) -> list[tuple[str, str]]:
 def convert(source: str, output: str, target: str, outtype: str, base: str | None, allow_pickle: bool,
             alpha: float | None, rank: int | None, enable_lora: list[bool] | None, fan_in_fan_out: bool | None,
             force: bool, initial: str | None) -> None:
-    """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib, GGUF, mlx-lm) to OUTPUT."""
+    """Convert the adapter at SOURCE (lora-hub, PEFT, early-PEFT MergedLinear, loralib, GGUF, mlx-lm; or a registry
+    name or Hub repo id) to OUTPUT."""
     start = time.perf_counter()
-    adapter = lora_hub.convert_adapter(source, base=base, allow_pickle=allow_pickle, alpha=alpha, r=rank,
+    adapter = lora_hub.convert_adapter(_resolved(source), base=base, allow_pickle=allow_pickle, alpha=alpha, r=rank,
                                        enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out, force=force,
                                        initial=initial)
     if outtype != "f32" and target != "gguf":
@@ -198,7 +211,8 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
         counts = f"{_count(len(report.errors), 'error')}, {_count(len(report.warnings), 'warning')}"
         tiers = "+".join(report.tiers) or "unread"
         verdict = "INVALID" if report in failed else "valid"
-        echo(f"{report.source}: {verdict} ({report.layout or 'unknown layout'}; {tiers}; {counts})")
+        source = f"{report.source} ({report.resolved})" if report.resolved else report.source
+        echo(f"{source}: {verdict} ({report.layout or 'unknown layout'}; {tiers}; {counts})")
         for finding in report.findings:
             where = f" [{finding.where}]" if finding.where else ""
             fix = "" if finding.severity is lora_hub.Severity.INFO else f" Fix: {finding.fix}"
@@ -208,7 +222,8 @@ def validate(paths: tuple[str, ...], base: str | None, level: str, profile: str 
 
 @click.command()
 @click.argument("adapter", required=False)
-@click.option("--base", help="Base model folder or Hub id in the local cache; default: the one the adapter declares.")
+@click.option("--base", help="Base model folder or Hub id (fetched when not cached); default: the one the adapter "
+                             "declares.")
 @click.option("--load-in-8bit", is_flag=True, help="Load the base model in 8-bit (bitsandbytes LLM.int8()).")
 @click.option("--merge", is_flag=True, help="Merge the adapter into the weights (exact unmerge is kept).")
 @click.option("--output", type=click.Path(file_okay=False), help="Save the model, adapter merged, to this folder.")
@@ -261,8 +276,8 @@ def push(path: str, repo: str, private: bool, branch: str | None, message: str |
     """Push the adapter at PATH (any layout lora-hub reads) to the Hub repository REPO as a lora-hub file that is
     also a PEFT adapter, with a model card, and with --with its llama.cpp and mlx-lm forms. The token comes from
     HF_TOKEN or the saved login."""
-    result = lora_hub.push(path, repo, private=private, branch=branch, commit_message=message, endpoint=endpoint,
-                           allow_pickle=allow_pickle, with_forms=with_forms, base=base)
+    result = lora_hub.push(_resolved(path), repo, private=private, branch=branch, commit_message=message,
+                           endpoint=endpoint, allow_pickle=allow_pickle, with_forms=with_forms, base=base)
     echo(f"pushed {path} to {result.url} ({result.revision} @ {result.commit[:12]})")
 
 
@@ -274,12 +289,14 @@ def push(path: str, repo: str, private: bool, branch: str | None, message: str |
 @click.option("--form", type=click.Choice(["peft", "gguf", "mlx"]), default="peft", show_default=True,
               help="Also download this form (pushed with --with) and print its path: gguf for llama.cpp, mlx for "
                    "mlx-lm.")
-def pull(repo: str, revision: str | None, force: bool, endpoint: str | None, form: str) -> None:
+@click.option("--with-base", is_flag=True, help="Also fetch the base model the adapter declares (config, safetensors "
+                                               "weights, tokenizer) into the Hugging Face cache.")
+def pull(repo: str, revision: str | None, force: bool, endpoint: str | None, form: str, with_base: bool) -> None:
     """Download the adapter in the Hub repository REPO into the Hugging Face cache, validate it, and record it in
     the local registry. Offline (HF_HUB_OFFLINE=1) it is served from the cache."""
     from lora_hub.hub import registry_name
 
-    path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint, form=form)
+    path = lora_hub.pull(repo, revision=revision, force=force, endpoint=endpoint, form=form, with_base=with_base)
     entry = lora_hub.Registry().get(registry_name(repo, revision))
     flag = "" if entry.valid else f"  INVALID ({', '.join(entry.findings)})"
     echo(f"{entry.name} @ {entry.commit_sha[:12]}: {_size(entry.size)}, rank {_ranks(entry)}, "
@@ -383,7 +400,7 @@ def merge(adapters: tuple[str, ...], output: str, weights: list[float] | None, m
             bars[0].render_finish()
 
     start = time.perf_counter()
-    combined = lora_hub.combine(list(adapters), weights, method=method, rank=rank, density=density,
+    combined = lora_hub.combine([_resolved(a) for a in adapters], weights, method=method, rank=rank, density=density,
                                 majority_sign=majority_sign, seed=seed, force=force, on_module=progress)
     path = lora_hub.save_adapter(combined, output)
     provenance = combined.config.provenance

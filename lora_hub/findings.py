@@ -355,6 +355,8 @@ class ValidationReport:
     layout: str | None = None
     tiers: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    resolved: str | None = None
+    """How a source that is not a path was found (a registry entry, or pulled from the Hub), and the path read."""
 
     @property
     def ok(self) -> bool:
@@ -375,8 +377,11 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         findings = [{**asdict(f), "severity": f.severity.value} for f in self.findings]
         counts = {s.value: sum(f.severity is s for f in self.findings) for s in Severity}
-        return {"source": self.source, "ok": self.ok, "layout": self.layout, "level": self.level,
-                "profile": self.profile, "tiers": self.tiers, "counts": counts, "findings": findings}
+        out = {"source": self.source, "ok": self.ok, "layout": self.layout, "level": self.level,
+               "profile": self.profile, "tiers": self.tiers, "counts": counts, "findings": findings}
+        if self.resolved:
+            out["resolved"] = self.resolved
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

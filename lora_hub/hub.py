@@ -147,7 +147,8 @@ def push(adapter_or_path: Adapter | str | os.PathLike[str], repo_id: str, *, pri
 
 def pull(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
          force: bool = False, cache_dir: str | os.PathLike[str] | None = None,
-         registry: Registry | None = None, api: HfApi | None = None, form: str = "peft") -> Path:
+         registry: Registry | None = None, api: HfApi | None = None, form: str = "peft",
+         with_base: bool = False) -> Path:
     """Downloads an adapter repository's adapter files into the Hugging Face cache, validates them, and records
     them in the registry under `repo_id` (or `repo_id@revision`).
 
@@ -157,7 +158,8 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
     a legacy adapter_model.bin is downloaded only when there is no safetensors file (and never unpickled here).
     `api` (an HfApi) may stand for `endpoint` and `token`; `registry` and `cache_dir` default to the user's.
     `form` "gguf" or "mlx" also downloads that form of the adapter (pushed with `with_forms`) and returns it, for
-    llama.cpp or mlx-lm; the adapter is validated and registered from its PEFT form all the same.
+    llama.cpp or mlx-lm; the adapter is validated and registered from its PEFT form all the same. `with_base` also
+    fetches the base model the adapter declares (see `fetch_base`), so that applying it later needs no network.
 
     Returns:
         The adapter: the lora-hub file, or the snapshot folder for a PEFT adapter; for `form` "gguf" the GGUF file,
@@ -201,7 +203,14 @@ def pull(repo_id: str, *, revision: str | None = None, token: str | None = None,
         raise AdapterRejectedError(f"the adapter from {repo_id} fails validation ({', '.join(codes)}); it was not "
                                    "registered. Run `lora-hub validate` on it, or pull with force=True (--force) to "
                                    "keep it flagged as invalid", findings=report.errors, path=target)
-    registry.record(_entry(repo_id, revision, snapshot.name, target, weights, api.endpoint, codes))
+    entry = _entry(repo_id, revision, snapshot.name, target, weights, api.endpoint, codes)
+    registry.record(entry)
+    if with_base:
+        if not entry.base_model:
+            from .errors import BaseModelError
+
+            raise BaseModelError(f"{repo_id} declares no base model to fetch (it was pulled and registered)")
+        base_folder(entry.base_model, token=token, api=api)
     if form == "peft":
         return target
     return _pull_form(api, repo_id, form, snapshot.name, options)
@@ -223,25 +232,106 @@ def _pull_form(api: HfApi, repo_id: str, form: str, commit: str, options: dict[s
     return found
 
 
-def locate(source: str | os.PathLike[str], *, registry: Registry | None = None, **pull_options: Any) -> Path:
-    """The adapter that `source` names: an existing path, else a registry name, else a Hub repo id (pulled).
+@dataclass(frozen=True)
+class Resolved:
+    """What a name the user gave turned out to be: the adapter to read, and how it was found."""
+
+    path: Path
+    how: str
+    """"path" (an existing file or folder), "registry" (an entry of the local registry) or "hub" (pulled now)."""
+    name: str
+
+    def __str__(self) -> str:
+        if self.how == "path":
+            return self.name
+        where = "registry entry" if self.how == "registry" else "pulled from the Hub into the registry"
+        return f"{self.name} ({where}: {self.path})"
+
+
+def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None, **pull_options: Any) -> Resolved:
+    """Turns what the user named into an adapter to read: an existing path, else a registry name, else a Hub repo
+    id with an optional @revision (pulled: validated and recorded, unless HF_HUB_OFFLINE and not cached).
 
     Raises:
-        AdapterNotFoundError: None of them.
+        AdapterNotFoundError: None of them. And the errors of `pull` for a Hub id.
     """
     path = Path(source)
-    if path.exists():
-        return path
-    registry = registry if registry is not None else Registry()
     name = os.fspath(source)
+    if path.exists():
+        return Resolved(path, "path", name)
+    registry = registry if registry is not None else Registry()
     if name in registry:
-        return registry.resolve(name)
+        return Resolved(registry.resolve(name), "registry", name)
     repo_id, _, revision = name.partition("@")
     looks_like_a_file = repo_id.lower().endswith(_FILE_SUFFIXES)  # a mistyped path, not a Hub lookup
     if _REPO_ID.match(repo_id) and ".." not in repo_id and not looks_like_a_file:
-        return pull(repo_id, revision=revision or None, registry=registry, **pull_options)
+        return Resolved(pull(repo_id, revision=revision or None, registry=registry, **pull_options), "hub", name)
     raise AdapterNotFoundError(f"{name!r} is neither a file or folder, nor a registry name, nor a Hub repository "
                                "id (namespace/name)")
+
+
+def locate(source: str | os.PathLike[str], *, registry: Registry | None = None, **pull_options: Any) -> Path:
+    """The adapter that `source` names (see `resolve`)."""
+    return resolve(source, registry=registry, **pull_options).path
+
+
+BASE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+                    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "chat_template.jinja", "chat_template.json")
+"""What `fetch_base` downloads of a model repository: the config, the safetensors weights, the tokenizer. Never a
+pickle checkpoint, optimizer state, other formats (GGUF, ONNX) or other files."""
+
+
+def base_folder(base: str | os.PathLike[str], *, revision: str | None = None, token: str | None = None,
+                endpoint: str | None = None, api: HfApi | None = None) -> Path:
+    """The local folder of a base model: `base` itself when it is a folder, else the Hub model `base` in the Hugging
+    Face cache, downloaded first when needed (see `fetch_base`).
+
+    Raises:
+        BaseModelError: `base` is neither a folder nor a Hub id (a path on the machine the adapter was trained on,
+            say), or the repository holds no config.json or no safetensors weights.
+        And the Hub errors of `fetch_base`.
+    """
+    from .errors import BaseModelError
+
+    path = Path(base)
+    if path.is_dir():
+        return path
+    name = os.fspath(base)
+    if not _REPO_ID.match(name) or ".." in name:
+        raise BaseModelError(f"the base model {name!r} is not a local folder, and not a Hub repository id to fetch "
+                             "(namespace/name): it is probably a path on the machine the adapter was made on; give "
+                             "the base model (base=, CLI --base)", path=name)
+    return fetch_base(name, revision=revision, token=token, endpoint=endpoint, api=api)
+
+
+def fetch_base(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
+               api: HfApi | None = None) -> Path:
+    """Downloads the files a transformers model needs (BASE_MODEL_FILES) from the Hub (the endpoint and token rules
+    of `pull`) into the standard Hugging Face cache, with huggingface_hub's progress bars, and returns the snapshot
+    folder. Files already in the cache are not downloaded again; with HF_HUB_OFFLINE=1 the cache is used alone.
+
+    Raises:
+        BaseModelError: The repository holds no config.json or no safetensors weights.
+        RepoNotFoundError, RevisionNotFoundError, HubAccessError, HubUnreachableError, NotCachedError.
+    """
+    from huggingface_hub import HfApi
+
+    from .errors import BaseModelError
+
+    check_repo_id(repo_id)
+    api = api if api is not None else HfApi(endpoint=endpoint, token=token)
+    with _hub(repo_id, api.endpoint, revision):
+        snapshot = Path(api.snapshot_download(repo_id, revision=revision, allow_patterns=list(BASE_MODEL_FILES),
+                                              token=token))
+    if not (snapshot / "config.json").is_file():
+        raise BaseModelError(f"{repo_id} has no config.json: not a transformers model repository", path=repo_id)
+    if not any(snapshot.glob("*.safetensors")):
+        raise BaseModelError(f"{repo_id} has no safetensors weights (lora-hub never downloads or unpickles "
+                             "pytorch_model.bin): convert the model to safetensors, or give a local folder",
+                             path=repo_id)
+    return snapshot
 
 
 def remove(name: str, *, from_cache: bool = False, registry: Registry | None = None) -> RegistryEntry:

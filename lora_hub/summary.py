@@ -75,7 +75,9 @@ def summarize(source: str | os.PathLike[str], *, allow_pickle: bool = False, **o
         The errors of `read_header` and `convert_adapter`.
     """
     from .format import adapter_header
+    from .hub import locate
 
+    source = locate(source)  # a path, a registry name, or a Hub id (pulled)
     detected = detect_layout(source)
     if detected.layout is Layout.LORA_HUB:
         header = adapter_header(detected.header)

@@ -255,6 +255,12 @@ class _Validation(_Findings):
     # --- header tier -------------------------------------------------------------------------------------------
 
     def read(self, allow_pickle: bool, convert_options: dict[str, Any]) -> None:
+        if not self.source.exists():  # a registry name or a Hub id: pulled with its verdict kept, even invalid
+            from .hub import resolve
+
+            found = resolve(self.report.source, force=True)
+            self.source = found.path
+            self.report.resolved = f"{'registry entry' if found.how == 'registry' else 'pulled'}: {found.path}"
         if self.report.profile == "lora-hub" and self.source.is_file():  # strict: the format reader decides
             detected = self.detected = Detected(Layout.LORA_HUB, self.source, None, FileKind.SAFETENSORS)
         else:

@@ -140,12 +140,20 @@ def test_wrong_base_exits_1_and_writes_nothing(run, peft_dir: Path, tmp_path: Pa
     ("convert", "{peft}"),
     ("convert", "{peft}", "-o", "x.safetensors", "--enable-lora", "yes,maybe"),
     ("convert", "{peft}", "-o", "{tmp}"),
-    ("inspect", "{tmp}/does-not-exist"),
     ("frobnicate",),
 ])
 def test_usage_errors_exit_2(run, peft_dir: Path, tmp_path: Path, args) -> None:
     result = run(*(a.format(peft=peft_dir, tmp=tmp_path) for a in args))
     assert result.exit_code == 2, result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate", "convert"])
+def test_a_name_that_is_no_path_registry_entry_or_hub_id_is_not_found(run, command: str, tmp_path: Path) -> None:
+    """Commands take a path, a registry name or a Hub id (tests/test_flow.py); what is none of them is NOT_FOUND."""
+    extra = ["-o", str(tmp_path / "x.safetensors")] if command == "convert" else []
+    result = run(command, tmp_path / "does-not-exist.safetensors", *extra)
+    assert result.exit_code == 1 and "NOT_FOUND" in result.output, result.output
+    assert "neither a file or folder, nor a registry name, nor a Hub repository id" in result.output
 
 
 def test_debug_shows_the_traceback(run, tmp_path: Path) -> None:
@@ -252,9 +260,9 @@ def test_apply_saves_the_merged_model(run, llama_adapter: Path, tmp_path: Path, 
 
 
 def test_apply_errors(run, tmp_path: Path, base_dirs) -> None:
-    undeclared = lora_hub.save_adapter(random_adapter(3, with_head=False), tmp_path / "u.safetensors")
-    result = run("apply", undeclared)
-    assert result.exit_code == 1 and "[BASE_MODEL_UNAVAILABLE]" in result.output and "--base" in result.output
+    elsewhere = lora_hub.save_adapter(random_adapter(3, with_head=False), tmp_path / "u.safetensors")
+    result = run("apply", elsewhere)  # declares the Hub model tiny/test, fetched from an endpoint that is down
+    assert result.exit_code == 1 and "[HUB_UNREACHABLE]" in result.output and "tiny/test" in result.output
     source = random_peft_adapter(tiny_model("llama"), tmp_path / "peft")
     wrong = run("apply", source, "--base", base_dirs["opt"])
     assert wrong.exit_code == 1 and "[BASE_MISMATCH]" in wrong.output

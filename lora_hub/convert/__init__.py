@@ -65,7 +65,7 @@ def convert_adapter(
 
     Args:
         source: A lora-hub file, a PEFT folder (or its weights file), a loralib checkpoint, a llama.cpp GGUF
-            adapter, or an mlx-lm adapter folder.
+            adapter, or an mlx-lm adapter folder; or a registry name or Hub repo id (see `lora_hub.hub.resolve`).
         base: The base model (a model folder, config.json, cached Hub id, config or model; see `describe_base`).
             When given, every module is checked against it, fan_in_fan_out comes from the layer kinds, and the
             base model's type and fingerprint are recorded. GGUF adapters need it (or one they declare) to map
@@ -91,6 +91,10 @@ def convert_adapter(
         >>> adapter = lora_hub.convert_adapter("./peft-adapter", base="./tiny-llama")
         >>> lora_hub.save_adapter(adapter, "adapter.safetensors")
     """
+    if not os.path.exists(source):
+        from ..hub import locate
+
+        source = locate(source)  # a registry name or a Hub id (pulled); a missing path stays AdapterNotFoundError
     detected = detect_layout(source)
     if detected.layout in (Layout.GGUF, Layout.MLX):  # names and kinds come from the base model
         read = from_gguf if detected.layout is Layout.GGUF else from_mlx

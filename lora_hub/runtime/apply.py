@@ -1,6 +1,6 @@
 """Opening a base model with an adapter on it, as `lora-hub apply` does: the base is the one the adapter declares
-(a local folder, or a Hub id already in the local cache) unless another is given, full precision or 8-bit, placed
-by accelerate on whatever devices there are."""
+(a local folder, or a Hub id, fetched into the Hugging Face cache when it is not there) unless another is given, full
+precision or 8-bit, placed by accelerate on whatever devices there are."""
 
 from __future__ import annotations
 
@@ -32,11 +32,14 @@ def open_with_adapter(source: str | os.PathLike[str] | Adapter, *, base: str | N
 
     Args:
         source: The adapter (any layout `convert_adapter` reads), a registry name, or a Hub repo id.
-        base: The base model folder or Hub id; by default the adapter's declared base model.
+        base: The base model folder or Hub id; by default the adapter's declared base model. A Hub id is fetched
+            into the Hugging Face cache when needed (`lora_hub.hub.fetch_base`: the config, safetensors weights and
+            tokenizer; HF_HUB_OFFLINE=1 uses the cache alone).
         load_in_8bit: Load the base with bitsandbytes LLM.int8().
 
     Raises:
-        BaseModelError: No base given or declared, or it is neither a local folder nor in the local Hub cache.
+        BaseModelError: No base given or declared, or it is neither a local folder nor a Hub id.
+        RepoNotFoundError, HubUnreachableError, NotCachedError: The base model could not be fetched.
         AdapterMismatchError: The adapter does not fit the base.
     """
     from ..convert import convert_adapter
@@ -46,19 +49,23 @@ def open_with_adapter(source: str | os.PathLike[str] | Adapter, *, base: str | N
         convert_options = {"reference_base": base, **convert_options}
     adapter = source if isinstance(source, Adapter) else convert_adapter(locate(source), allow_pickle=allow_pickle,
                                                                          **convert_options)
+    from ..hub import base_folder
+
     declared = adapter.config.base_model.name if adapter.config.base_model else None
     base = base or declared
     if not base:
         raise BaseModelError("the adapter declares no base model: give one (--base)")
-    model = load_base(base, task_type=adapter.config.task_type, load_in_8bit=load_in_8bit)
+    folder = base_folder(base)
+    model = load_base(folder, task_type=adapter.config.task_type, load_in_8bit=load_in_8bit)
     runtime = attach(model)
     runtime.load(name, adapter)
     runtime.use(name)
-    return Applied(model, runtime, _tokenizer(base), base, name)
+    return Applied(model, runtime, _tokenizer(folder), base, name)
 
 
-def load_base(base: str, *, task_type: str | None = None, load_in_8bit: bool = False) -> Any:
-    """A transformers model from a local folder or the local Hub cache (never downloaded), in eval mode."""
+def load_base(base: str | os.PathLike[str], *, task_type: str | None = None, load_in_8bit: bool = False) -> Any:
+    """A transformers model from a local folder or the local Hub cache (never downloaded here: `base_folder`
+    fetches), in eval mode."""
     import transformers
 
     cls = getattr(transformers, TASK_AUTO_CLASSES.get(task_type, "AutoModelForCausalLM"))
@@ -91,7 +98,7 @@ def generate(applied: Applied, prompt: str, *, max_new_tokens: int = 64) -> str:
     return applied.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _tokenizer(base: str) -> Any:
+def _tokenizer(base: str | os.PathLike[str]) -> Any:
     from transformers import AutoTokenizer
 
     try:
