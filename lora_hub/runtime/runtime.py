@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,7 @@ from ..basemodel import LiveBase
 from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
 from ..validate import check_base
+from .hostcache import HostCache
 from .layers import LoraLayer
 from .loading import SlotReads, fill
 from .selection import Selection
@@ -68,8 +71,26 @@ class AdapterRuntime:
     """
 
     def __init__(self, model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
-                 max_rank: int | None = None, dtype: torch.dtype | None = None) -> None:
+                 max_rank: int | None = None, dtype: torch.dtype | None = None, max_resident: int | None = None,
+                 host_cache_bytes: int | None = None) -> None:
+        if max_resident is not None:
+            if isinstance(max_resident, bool) or not isinstance(max_resident, int) or max_resident < 1:
+                raise ValueError(f"max_resident must be a positive integer, got {max_resident!r}")
+            if max_adapters is not None and max_adapters != max_resident:
+                raise ValueError("max_resident fixes the slots itself: give max_adapters or max_resident, not both")
+            max_adapters = max_resident
         self.model = model
+        self.lock = threading.RLock()
+        """Held by every change of the runtime, and by `serving` around a forward pass: threads that serve the
+        model take it (through `serving`, or directly) so that no change lands in the middle of their forward."""
+        self.max_resident = max_resident
+        self._recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
+        self._sources: dict[str, Any] = {}  # what each name was loaded from, to load it again on demand
+        self._held: Counter[str] = Counter()  # names that open using()/route()/serving() blocks need resident
+        self._host: HostCache | None = None
+        if host_cache_bytes is not None:
+            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+            self._host = HostCache(host_cache_bytes, pin=device.type == "cuda" and torch.cuda.is_available())
         self.selection = Selection()
         self._wrapped = WrappedModel(model, self.selection, capacity=max_adapters or 0, max_rank=max_rank, dtype=dtype,
                                      on_change=self._forget_reads)
@@ -134,6 +155,17 @@ class AdapterRuntime:
         if self._merged:
             raise RuntimeStateError(f"cannot load '{name}' while adapters are merged: unmerge() first")
         adapter = source if isinstance(source, Adapter) else self._convert(source, allow_pickle, convert_options)
+        if self._host is not None and not isinstance(source, Adapter):
+            adapter = self._host.put(name, adapter)  # read once, here, outside the lock
+        with self.lock:
+            self._load(name, adapter)
+            self._sources[name] = source if isinstance(source, Adapter) else (source, allow_pickle, convert_options)
+
+    def _load(self, name: str, adapter: Adapter, keep: set[str] | None = None) -> None:
+        """Puts a read adapter into a slot (evicting within a resident budget), under the lock."""
+        self._check_alive()
+        if self._merged:
+            raise RuntimeStateError(f"cannot load '{name}' while adapters are merged: unmerge() first")
         self._check_fit(name, adapter)
         limit = self._wrapped.max_rank
         too_wide = [m for m, s in adapter.modules.items() if limit is not None and s.r * s.groups > limit]
@@ -141,6 +173,8 @@ class AdapterRuntime:
             spec = adapter.modules[too_wide[0]]
             raise RuntimeStateError(f"adapter '{name}': '{too_wide[0]}' has rank {spec.r * spec.groups}, over "
                                     f"max_rank={limit}; nothing was changed")
+        if name not in self._resident and self.max_resident is not None and len(self._resident) >= self.max_resident:
+            self._evict(keep={name} | (keep or set()))
         slot = self._resident[name].slot if name in self._resident else self._free_slot()
         reads = self._reads.get(slot)
         if reads is not None and not reads.fits(adapter):
@@ -167,12 +201,21 @@ class AdapterRuntime:
         before = self._resident.get(name)
         dora = any(s.dora for s in adapter.modules.values())
         self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced, dora)
+        self._touch([name])
         if self._active and name in self._active and before is not None and before.replaced != replaced:
             self.use(self._active)  # in use, and now replacing other modules: checked against the others again
 
     def unload(self, name: str) -> None:
         """Removes an adapter and frees its memory (unless `max_adapters` fixed the capacity, then its slot is
-        zeroed for reuse). An active adapter is first removed from the selection."""
+        zeroed for reuse). An active adapter is first removed from the selection. A name unloaded is forgotten: it
+        is no longer loaded again on demand (an evicted one is)."""
+        with self.lock:
+            self._unload(name)
+            self._sources.pop(name, None)
+            if self._host is not None:
+                self._host.discard(name)
+
+    def _unload(self, name: str) -> None:
         self._check_alive()
         resident = self._get(name)
         if self._merged and name in self._merged[0]:
@@ -185,6 +228,7 @@ class AdapterRuntime:
                 self.use(rest)
         self._wrapped.clear(resident.slot)
         del self._resident[name]
+        self._recent.pop(name, None)
         if not self._fixed_capacity:
             self._compact()
 
@@ -203,52 +247,90 @@ class AdapterRuntime:
             ValueError: A weight that is not a finite number, two stacked adapters replacing the same module, or a
                 DoRA adapter stacked or weighted.
         """
-        self._check_alive()
-        if self._merged:
-            raise RuntimeStateError("adapters are merged into the weights: unmerge() before use()")
-        weights = self._weights(choice)
-        if weights:
-            self._check_replacements(weights)
-            self.selection.set_lanes([self._resident[n].slot for n in weights], list(weights.values()))
-        else:
-            self.selection.set_lanes([], [])
-        self._active = weights or None
+        with self.lock:
+            self._check_alive()
+            if self._merged:
+                raise RuntimeStateError("adapters are merged into the weights: unmerge() before use()")
+            names = _names(choice)
+            self._ensure(names)
+            weights = self._weights(choice)
+            if weights:
+                self._check_replacements(weights)
+                self.selection.set_lanes([self._resident[n].slot for n in weights], list(weights.values()))
+            else:
+                self.selection.set_lanes([], [])
+            self._active = weights or None
+            self._touch(names)
 
     @contextlib.contextmanager
     def using(self, choice: Choice) -> Iterator[AdapterRuntime]:
-        """`use(choice)` for the duration of a with block, then back to what was in use before."""
-        previous = self._active
-        self.use(choice)
+        """`use(choice)` for the duration of a with block, then back to what was in use before. Within a resident
+        budget, the adapters it uses are not evicted while the block runs."""
+        with self.lock:
+            previous = self._active
+            self.use(choice)
+            held = _names(choice)
+            self._held.update(held)
         try:
             yield self
         finally:
-            self.use(previous)
+            with self.lock:
+                self._release(held)
+                self.use(previous)
+
+    @contextlib.contextmanager
+    def serving(self, choice: Choice) -> Iterator[AdapterRuntime]:
+        """`using(choice)` while holding the runtime's lock, for the forward passes of one request in a serving
+        process: other threads may load, evict and switch, but never in the middle of this block's forwards.
+
+        Example:
+            >>> with adapters.serving("acme/sql-lora"):    # loaded on demand, evicting within max_resident
+            ...     logits = model(input_ids).logits
+        """
+        with self.lock, self.using(choice):
+            yield self
 
     @contextlib.contextmanager
     def route(self, rows: Sequence[str | None]) -> Iterator[AdapterRuntime]:
         """Within the with block, row i of each batch uses adapter rows[i] (None: the bare base model). One forward
-        pass computes every row with its own adapter.
+        pass computes every row with its own adapter. Names that are not resident are loaded on demand (within a
+        resident budget, which must hold all of them), and are not evicted while the block runs.
 
         Raises:
-            RuntimeStateError: An unknown name, no adapter resident, or adapters are merged.
+            RuntimeStateError: An unknown name, no adapter resident, adapters are merged, or more distinct adapters
+                than `max_resident`.
         """
-        self._check_alive()
-        if self._merged:
-            raise RuntimeStateError("adapters are merged into the weights: unmerge() before route()")
-        if not self._resident:
-            raise RuntimeStateError("no adapter is loaded")
-        spare = next(iter(self._resident.values())).slot
-        slots = [self._get(n).slot if n is not None else spare for n in rows]
-        previous = self._active
-        self.selection.set_rows(slots, [0.0 if n is None else 1.0 for n in rows])
+        with self.lock:
+            self._check_alive()
+            if self._merged:
+                raise RuntimeStateError("adapters are merged into the weights: unmerge() before route()")
+            names = list(dict.fromkeys(n for n in rows if n is not None))
+            if self.max_resident is not None and len(names) > self.max_resident:
+                raise RuntimeStateError(f"the batch routes to {len(names)} adapters, over max_resident="
+                                        f"{self.max_resident}")
+            self._ensure(names)
+            if not self._resident:
+                raise RuntimeStateError("no adapter is loaded")
+            spare = next(iter(self._resident.values())).slot
+            slots = [self._get(n).slot if n is not None else spare for n in rows]
+            previous = self._active
+            self.selection.set_rows(slots, [0.0 if n is None else 1.0 for n in rows])
+            self._held.update(names)
+            self._touch(names)
         try:
             yield self
         finally:
-            self.use(previous)
+            with self.lock:
+                self._release(names)
+                self.use(previous)
 
     # --- merging -----------------------------------------------------------------------------------------------
 
     def merge(self, choice: Choice = None, *, progress: Callable[[int, int], None] | None = None) -> None:
+        with self.lock:
+            self._merge(choice, progress=progress)
+
+    def _merge(self, choice: Choice = None, *, progress: Callable[[int, int], None] | None = None) -> None:
         """Folds adapters into the base weights, for inference at exactly the base model's cost: `choice` as in
         `use` (by default what is in use). A merge always starts from the original weights.
 
@@ -293,6 +375,10 @@ class AdapterRuntime:
 
     def unmerge(self) -> None:
         """Restores the base weights exactly as they were, and what was in use before merging."""
+        with self.lock:
+            self._unmerge()
+
+    def _unmerge(self) -> None:
         self._check_alive()
         if not self._merged:
             return
@@ -305,6 +391,10 @@ class AdapterRuntime:
     def save_merged(self, directory: str | os.PathLike[str], choice: Choice = None, **save_options: Any) -> None:
         """Writes the model with `choice` (default: what is merged, else what is in use) merged in, as a transformers
         model folder (`save_pretrained`). The runtime's state is the same afterwards."""
+        with self.lock:
+            self._save_merged(directory, choice, **save_options)
+
+    def _save_merged(self, directory: str | os.PathLike[str], choice: Choice, **save_options: Any) -> None:
         self._check_alive()
         previous = self.merged
         if choice is not None or previous is None:
@@ -320,11 +410,17 @@ class AdapterRuntime:
 
     def detach(self) -> nn.Module:
         """Unmerges, puts every original module back, and frees the adapters. Returns the model."""
+        with self.lock:
+            return self._detach()
+
+    def _detach(self) -> nn.Module:
         self._check_alive()
         self.unmerge()
         self._wrapped.restore()
         self._resident.clear()
         self._reads.clear()
+        self._recent.clear()
+        self._sources.clear()
         self._detached = True
         return self.model
 
@@ -394,6 +490,48 @@ class AdapterRuntime:
             if finding.severity is Severity.WARNING:
                 warnings.warn(LoraHubWarning(f"adapter '{name}': {finding.code}: {finding.message}"), stacklevel=3)
 
+    def _touch(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name in self._resident:
+                self._recent[name] = None
+                self._recent.move_to_end(name)
+
+    def _release(self, names: Iterable[str]) -> None:
+        self._held.subtract(names)
+        for name in [n for n, count in self._held.items() if count <= 0]:
+            del self._held[name]
+
+    def _ensure(self, names: Sequence[str]) -> None:
+        """Loads on demand the names that are not resident: from the host tier, else from what they were loaded
+        from before, else as a registry name or Hub id (or path)."""
+        for name in names:
+            if not isinstance(name, str) or name in self._resident:
+                continue
+            adapter = self._host.get(name) if self._host is not None else None
+            if adapter is None:
+                source = self._sources.get(name)
+                if source is None and not _loadable(name):
+                    self._get(name)  # raises: neither loaded nor anything to load
+                if isinstance(source, Adapter):
+                    adapter = source
+                else:
+                    path, allow_pickle, options = source if source is not None else (name, False, {})
+                    adapter = self._convert(path, allow_pickle, options)
+                    self._sources[name] = (path, allow_pickle, options)
+                    if self._host is not None:
+                        adapter = self._host.put(name, adapter)
+            self._load(name, adapter, keep=set(names))
+
+    def _evict(self, keep: set[str]) -> None:
+        """Unloads the least recently used resident adapter that nothing needs (not in use, merged, held, or in
+        `keep`); it stays known, to be loaded again on demand."""
+        busy = set(keep) | set(self._active or ()) | set(self._merged[0] if self._merged else ()) | set(self._held)
+        victim = next((n for n in self._recent if n not in busy), None)
+        if victim is None:
+            raise RuntimeStateError(f"all {self.max_resident} resident adapters are needed (in use, merged, or held "
+                                    "by a using(), route() or serving() block): raise max_resident, or release one")
+        self._unload(victim)
+
     def _free_slot(self) -> int:
         """The lowest free slot; growing the capacity (for the next reserve) when every slot is used."""
         used = {r.slot for r in self._resident.values()}
@@ -416,8 +554,25 @@ class AdapterRuntime:
             self.use(self._active)
 
 
+def _names(choice: Choice) -> list[str]:
+    if choice is None:
+        return []
+    return [choice] if isinstance(choice, str) else list(choice)
+
+
+def _loadable(name: str) -> bool:
+    """Whether a name that was never loaded can be loaded on demand: an existing path, a registry name, or
+    something shaped like a Hub repo id."""
+    from ..hub import _REPO_ID
+    from ..registry import Registry
+
+    repo_id = name.partition("@")[0]
+    return os.path.exists(name) or bool(_REPO_ID.match(repo_id)) or name in Registry()
+
+
 def attach(model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
-           max_rank: int | None = None, dtype: torch.dtype | None = None) -> AdapterRuntime:
+           max_rank: int | None = None, dtype: torch.dtype | None = None, max_resident: int | None = None,
+           host_cache_bytes: int | None = None) -> AdapterRuntime:
     """Attaches a runtime to a live model, so that adapters can be loaded, switched, stacked, routed and merged.
 
     Args:
@@ -427,6 +582,12 @@ def attach(model: nn.Module, *, targets: Iterable[str] | None = None, max_adapte
         max_rank: Fix every layer's rank; lower-rank adapters are zero-padded to it.
         dtype: The dtype of the LoRA paths; by default each base layer's compute dtype. torch.float32 on a bf16 or
             fp16 model computes the paths as PEFT does by default (more precise, twice the adapter memory).
+        max_resident: A resident budget: at most this many adapters in the slots (fixed, as with max_adapters).
+            Loading past it evicts the least recently used adapter that nothing needs; use(), route() and
+            serving() load names that are not resident on demand (evicted ones from where they came, others as a
+            registry name or Hub id).
+        host_cache_bytes: A host tier for a resident budget: adapters read from disk stay in host memory (pinned
+            on a CUDA model) up to this many bytes, so loading an evicted one again reads no file.
 
     Returns:
         The runtime; `runtime.detach()` restores the original modules.
@@ -436,4 +597,5 @@ def attach(model: nn.Module, *, targets: Iterable[str] | None = None, max_adapte
         >>> adapters.load("sql", "sql.safetensors")
         >>> adapters.use("sql")
     """
-    return AdapterRuntime(model, targets=targets, max_adapters=max_adapters, max_rank=max_rank, dtype=dtype)
+    return AdapterRuntime(model, targets=targets, max_adapters=max_adapters, max_rank=max_rank, dtype=dtype,
+                          max_resident=max_resident, host_cache_bytes=host_cache_bytes)
