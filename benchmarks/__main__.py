@@ -6,10 +6,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from . import combination, runtime, validation
+from . import combination, many, runtime, validation
 from .harness import machine, print_table, write_json
 
-SUITES = {"validate": validation.run, "runtime": runtime.run, "combine": combination.run}
+SUITES = {"validate": validation.run, "runtime": runtime.run, "combine": combination.run, "many": many.run}
 
 
 def main() -> None:

@@ -457,3 +457,23 @@ def test_a_model_moved_or_converted_after_attach_keeps_working_and_frees_the_old
     torch.testing.assert_close(_logits(model).float(), expected, rtol=1e-4, atol=1e-4)
     model.to("meta")  # another device: the selection follows the layers there
     assert model(TOKENS.to("meta")).logits.device.type == "meta"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("plan", [
+    ["a", "a", "b", "b"],            # contiguous groups, consecutive slots: views, the update added in the matmul
+    ["b", "b", "a", "a"],            # contiguous, slots out of order: one gather per group
+    ["a", "b", "a", "b"],            # apart: rows gathered by group
+    ["a", None, "b", "a", "a"],      # apart, uneven groups (padded), a row with no adapter
+    ["b", "b", "b", "b"],            # one group
+])
+def test_grouped_mixed_batches_equal_each_row_alone(kind: str, plan: list, adapters) -> None:
+    model, runtime = _with_both(kind, adapters)
+    batch = torch.tensor([[1, 5, 9, 2, 7]] * len(plan)) + torch.arange(len(plan))[:, None]
+    with torch.no_grad():
+        with runtime.route(plan):
+            assert runtime.selection.grouped(next(iter(runtime.layers.values())).lora_A.device) is not None
+            routed = model(batch).logits
+        for row, name in enumerate(plan):
+            runtime.use(name)
+            torch.testing.assert_close(routed[row], model(batch[row:row + 1]).logits[0], rtol=1e-5, atol=1e-5)

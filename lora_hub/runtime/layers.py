@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .selection import Mode, Selection
+from .selection import Grouping, Mode, Selection
 from .weights import Snapshot, dequantized, merge_delta, merge_float, replace_attribute
 
 
@@ -404,6 +404,9 @@ class LoraLayer(SlotLayer):
         if selection.mode is Mode.LANES:
             delta = self._lanes(h, *selection.lanes(device))
         else:
+            plan = selection.grouped(device)
+            if plan is not None and result.dtype == h.dtype and not result.requires_grad and result.is_contiguous():
+                return self._grouped_into(result, h, plan)
             delta = self._rows(h, *selection.rows(device))
         if delta.dtype == result.dtype and not result.requires_grad:
             return result.add_(delta)  # the base layer's fresh output, added to in place: no third tensor
@@ -486,6 +489,37 @@ class LoraLayer(SlotLayer):
             return F.linear(F.linear(h, a[0]), b[0]) * coefficient
         inner = torch.einsum("...i,kri->...kr", h, a) * coefficient.to(h.dtype)[:, None]
         return torch.einsum("...kr,kor->...o", inner, b)
+
+    def _grouped_into(self, result: torch.Tensor, h: torch.Tensor, plan: Grouping) -> torch.Tensor:
+        """Adds each group's update into `result` (the base layer's fresh output): each adapter's factors once (a view
+        when the slots are consecutive, else one gather per group, never one per row), two batched matmuls over the
+        groups, the scaling on the rank-wide product, and the last matmul accumulating into the output where the rows
+        allow a view."""
+        batch = plan.batch
+        if h.shape[0] != batch and (h.dim() != 2 or h.shape[0] % batch):
+            raise ValueError(f"the batch has {h.shape[0]} rows but route() was given {batch} adapters")
+        rows = h.reshape(batch, -1, h.shape[-1])
+        tokens = rows.shape[1]
+        if plan.first is not None:  # consecutive slots: views of the buffers, nothing copied
+            end = plan.first + plan.groups
+            a, b = self.lora_A[plan.first:end].transpose(1, 2), self.lora_B[plan.first:end].transpose(1, 2)
+            scale = self.scaling[plan.first:end].to(h.dtype)[:, None, None]
+        else:
+            a = self.lora_A.index_select(0, plan.slots).transpose(1, 2)
+            b = self.lora_B.index_select(0, plan.slots).transpose(1, 2)
+            scale = self.scaling.index_select(0, plan.slots).to(h.dtype)[:, None, None]
+        if plan.contiguous:  # the batch as (groups, rows x tokens, features): no copy, the update added in the matmul
+            x = rows.view(plan.groups, plan.size * tokens, rows.shape[-1])
+            inner = torch.bmm(x, a).mul_(scale)
+            result.view(plan.groups, plan.size * tokens, self.out_features).baddbmm_(inner, b)
+            return result
+        # a group's rows are apart: they are gathered (padded to the largest group), and the valid outputs added back
+        x = rows.index_select(0, plan.gather).view(plan.groups, plan.size * tokens, rows.shape[-1])
+        out = torch.bmm(torch.bmm(x, a).mul_(scale), b).view(plan.groups * plan.size, tokens, self.out_features)
+        if plan.valid.numel() != out.shape[0]:
+            out = out.index_select(0, plan.valid)
+        result.view(batch, tokens, self.out_features).index_add_(0, plan.rows, out)
+        return result
 
     def _rows(self, h: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Each batch row with its own slot. Models that flatten (batch, tokens) before a layer (OPT's MLP) keep

@@ -11,8 +11,68 @@ from __future__ import annotations
 import enum
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The rows of a mixed batch grouped by adapter (Mode.ROWS), worked out once per route() on the host, so that a
+    layer runs one pair of batched matmuls over groups (as Punica's SGMV and S-LoRA do) instead of copying an
+    adapter's factors for every row.
+
+    Groups are in the order of their first row; rows that use no adapter (weight 0) belong to none. When each group's
+    rows are contiguous, in order, all groups equal in size and every row in one (`contiguous`), the batch is viewed
+    as (groups, rows x tokens, features) with no copy and the update is added into the layer's output in the same
+    matmul. Otherwise the rows are gathered into (groups, largest group) with padding, and the valid outputs added
+    back by row.
+    """
+
+    batch: int
+    groups: int
+    size: int
+    """Rows in the largest group (every group's, when contiguous)."""
+    contiguous: bool
+    slots: torch.Tensor
+    """(groups,) the slot of each group."""
+    gather: torch.Tensor
+    """(groups * size,) the row that each padded position takes (padding repeats a group's first row)."""
+    valid: torch.Tensor
+    """The padded positions that are real rows, and `rows` the rows they are, in the same order."""
+    rows: torch.Tensor
+    first: int | None = None
+    """When the groups' slots are consecutive and ascending, the first: the factors are then a view of the slot
+    buffers, not a gather."""
+
+    def to(self, device: torch.device) -> Grouping:
+        move = {k: getattr(self, k).to(device) for k in ("slots", "gather", "valid", "rows")}
+        return Grouping(self.batch, self.groups, self.size, self.contiguous, **move, first=self.first)
+
+
+def grouping(slots: Sequence[int], weights: Sequence[float]) -> Grouping | None:
+    """The grouping of a mixed batch, or None when a row has a weight other than 0 or 1 (each row then runs
+    alone)."""
+    if any(w not in (0.0, 1.0) for w in weights):
+        return None
+    members: dict[int, list[int]] = {}
+    for row, (slot, weight) in enumerate(zip(slots, weights, strict=True)):
+        if weight:
+            members.setdefault(slot, []).append(row)
+    if not members:
+        return None
+    size = max(len(rows) for rows in members.values())
+    ordered = [row for rows in members.values() for row in rows]
+    contiguous = ordered == list(range(len(slots))) and all(len(rows) == size for rows in members.values())
+    gather, valid = [], []
+    for g, rows in enumerate(members.values()):
+        gather += rows + [rows[0]] * (size - len(rows))
+        valid += range(g * size, g * size + len(rows))
+    order = list(members)
+    first = order[0] if order == list(range(order[0], order[0] + len(order))) else None
+    return Grouping(len(slots), len(members), size, contiguous, torch.tensor(order, dtype=torch.long),
+                    torch.tensor(gather, dtype=torch.long), torch.tensor(valid, dtype=torch.long),
+                    torch.tensor(ordered, dtype=torch.long), first)
 
 
 class Mode(enum.Enum):
@@ -39,6 +99,7 @@ class Selection:
         self.lane_weights: list[float] = []
         self.row_slots: list[int] = []
         self.row_weights: list[float] = []
+        self._groupings: dict[torch.device, Grouping | None] = {}
 
     def register(self, device: torch.device) -> None:
         """Adds a device that layers live on (called when a layer is wrapped)."""
@@ -73,7 +134,13 @@ class Selection:
     def set_rows(self, slots: Sequence[int], weights: Sequence[float]) -> None:
         self.row_slots, self.row_weights = list(slots), list(weights)
         _store(self._rows, self._devices, self.row_slots, self.row_weights)
+        plan = grouping(self.row_slots, self.row_weights)
+        self._groupings = {device: plan.to(device) if plan is not None else None for device in self._devices}
         self.mode = Mode.ROWS
+
+    def grouped(self, device: torch.device) -> Grouping | None:
+        """The grouping of the current mixed batch on `device` (Mode.ROWS), or None."""
+        return self._groupings.get(device)
 
     def lanes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self._lanes[device]
