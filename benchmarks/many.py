@@ -29,7 +29,7 @@ def run(workdir: Path, *, quick: bool) -> list[Row]:
     rows = []
     shapes = [("tiny", {}, 8)] if quick else [("small", SMALL, 32), ("168M", LLAMA_168M, 128)]
     for label, overrides, tokens in shapes:
-        rows += _mixed(workdir, label, overrides, tokens, repeats=3 if quick else 5)
+        rows += _mixed(workdir, label, overrides, tokens, repeats=3 if quick or label == "168M" else 5)
     rows += _budget(workdir, {} if quick else LLAMA_168M, "tiny" if quick else "168M", quick)
     return rows
 
