@@ -176,3 +176,27 @@ def test_threads_load_evict_and_serve_without_a_wrong_logit(library, expected) -
         thread.join(timeout=300)
     assert not failures and not any(t.is_alive() for t in threads)
     assert len(runtime.adapters) <= 4
+
+
+def test_on_demand_loads_and_evictions_within_a_fixed_budget_never_recompile(library, expected) -> None:
+    """The compile-safety guarantee within a budget: with the targets and rank fixed, loads on demand and evictions
+    write into the same buffers, and a compiled model keeps its one graph."""
+    _register(library)
+    model = tiny_model("llama")
+    runtime = lora_hub.attach(model, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"], max_resident=3, max_rank=8)
+    runtime.use("team/a-1")
+    pointers = {n: (x.lora_A.data_ptr(), x.lora_B.data_ptr()) for n, x in runtime.layers.items()}
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(model, backend=counting_backend)
+    with torch.no_grad():
+        for i in (1, 2, 4, 5, 7, 1, 6, 8, 2):  # ranks 3-8 (6: no MLP modules), loaded on demand, LRU evicted
+            runtime.use(f"team/a-{i}")
+            assert torch.allclose(compiled(INPUT).logits, expected[f"team/a-{i}"], atol=1e-5), i
+    assert len(compiles) == 1, f"{len(compiles)} compilations"
+    assert pointers == {n: (x.lora_A.data_ptr(), x.lora_B.data_ptr()) for n, x in runtime.layers.items()}
