@@ -324,15 +324,19 @@ class AdapterConfig:
             raise ConfigError("the adapter has no modules: at least one LoRA module is required")
         if len(self.modules) > C.MAX_MODULES:
             raise ConfigError(f"{len(self.modules):,} modules exceed the limit of {C.MAX_MODULES:,}")
+        valid: set[int] = set()  # specs already checked (modules of one shape share one ModuleSpec from from_json)
         for name, spec in self.modules.items():
             problem = check_module_name(name)
             if problem:
                 raise ConfigError(f"module path {name!r}: {problem}", module=name)
+            if id(spec) in valid:
+                continue
             if not isinstance(spec, ModuleSpec):
                 raise ConfigError(f"module '{name}': expected a ModuleSpec, got {type(spec).__name__}", module=name)
             problems = spec.problems()
             if problems:
                 raise ConfigError(f"module '{name}': {'; '.join(problems)}", module=name)
+            valid.add(id(spec))
         for name in self.modules_to_save:
             problem = check_module_name(name)
             if problem:
@@ -456,7 +460,16 @@ class AdapterConfig:
         modules = data.get("modules")
         if not isinstance(modules, dict):
             raise ConfigError(f"lora_hub.config needs 'modules', an object of entries, not {_json_type(modules)}")
-        specs = {name: ModuleSpec.from_dict(entry, module=name) for name, entry in modules.items()}
+        shared: dict[tuple, ModuleSpec] = {}  # identical entries (by value and JSON type) give one ModuleSpec
+        specs = {}
+        for name, entry in modules.items():
+            key = _entry_key(entry)
+            spec = shared.get(key) if key is not None else None
+            if spec is None:
+                spec = ModuleSpec.from_dict(entry, module=name)
+                if key is not None:
+                    shared[key] = spec
+            specs[name] = spec
         base = data.get("base_model")
         if base is not None:
             if not isinstance(base, dict) or not all(
@@ -760,6 +773,22 @@ def dora_weight(spec: ModuleSpec, weight: torch.Tensor, lora_A: torch.Tensor, lo
     scale = magnitude.float() / torch.linalg.norm(updated, dim=1)
     merged = updated * scale[:, None]
     return merged.T if spec.fan_in_fan_out else merged
+
+
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def _entry_key(entry: object) -> tuple | None:
+    """A module entry as a key that tells apart values that compare equal in Python but not in JSON (1, 1.0 and
+    true): None for an entry that is not an object of scalars (enable_lora's list), which is then read on its own."""
+    if type(entry) is not dict:
+        return None
+    key = []
+    for name, value in entry.items():
+        if type(value) not in _SCALARS:
+            return None
+        key.append((name, type(value), value))
+    return tuple(sorted(key, key=lambda item: item[0]))
 
 
 def _overlapping_module(name: str, modules: Mapping[str, ModuleSpec]) -> str | None:

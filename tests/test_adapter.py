@@ -127,3 +127,20 @@ def test_adapter_checks_its_tensors_and_names_modules() -> None:
         lora_hub.Adapter(config, {**good, "base_model.model.extra.weight": torch.zeros(1)})
     with pytest.raises(lora_hub.TensorDtypeError, match="I64"):
         lora_hub.Adapter(config, {**good, "base_model.model.m.lora_B.weight": torch.zeros(4, 2, dtype=torch.int64)})
+
+
+def test_identical_module_entries_share_a_spec_but_json_types_still_count() -> None:
+    """from_json reads each distinct entry once (a 512-module header is mostly a few shapes); entries that Python
+    compares equal but JSON does not (true and 1) are still read, and refused, on their own."""
+    import json
+
+    from lora_hub import AdapterConfig, ConfigError
+
+    entry = {"r": 4, "alpha": 8, "rslora": False, "in_features": 16, "out_features": 16, "fan_in_fan_out": False,
+             "enable_lora": None}
+    config = AdapterConfig.from_json(json.dumps({"modules": {"m.a": entry, "m.b": dict(entry)}}))
+    assert config.modules["m.a"] is config.modules["m.b"]
+    with pytest.raises(ConfigError, match="module 'm.b': rslora must be true or false, got 0"):
+        AdapterConfig.from_json(json.dumps({"modules": {"m.a": entry, "m.b": {**entry, "rslora": 0}}}))
+    with pytest.raises(ConfigError, match="module 'm.b': r must be a positive integer, got 4.0"):
+        AdapterConfig.from_json(json.dumps({"modules": {"m.a": entry, "m.b": {**entry, "r": 4.0}}}))
