@@ -80,8 +80,6 @@ def _mixed(workdir: Path, label: str, overrides: dict, length: int, repeats: int
 
 def _budget(workdir: Path, overrides: dict, label: str, quick: bool) -> list[Row]:
     """1,000 registered names over 16 distinct files, 64 resident: loads on demand evict the least recently used."""
-    from peft import PeftModel
-
     import lora_hub
     from lora_hub.registry import Registry, RegistryEntry
     from lora_hub.testing import random_peft_adapter, tiny_model
@@ -97,7 +95,22 @@ def _budget(workdir: Path, overrides: dict, label: str, quick: bool) -> list[Row
     names = [f"team/adapter-{i:04d}" for i in range(1000)]
     for i, name in enumerate(names):
         registry.record(RegistryEntry(name=name, path=str(files[i % 16][1])))
+    previous = os.environ.get("LORA_HUB_HOME")
     os.environ["LORA_HUB_HOME"] = str(registry.home)  # where use() finds the names
+    try:
+        return _budget_rows(base, files, names, label, quick)
+    finally:
+        if previous is None:
+            os.environ.pop("LORA_HUB_HOME", None)
+        else:
+            os.environ["LORA_HUB_HOME"] = previous
+
+
+def _budget_rows(base, files, names: list[str], label: str, quick: bool) -> list[Row]:
+    from peft import PeftModel
+
+    import lora_hub
+
     resident = 8 if quick else 64
     one = files[0][1].stat().st_size
     disk_model, host_model = copy.deepcopy(base), copy.deepcopy(base)

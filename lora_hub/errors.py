@@ -261,7 +261,16 @@ class PeftConfigError(ConversionError):
     code = "PEFT_CONFIG_INVALID"
 
 
-class UnsupportedFeatureError(ConversionError):
+class _NamedCode:
+    """For errors whose code the raiser names (a feature, a runtime's reason): `code=` overrides the class's."""
+
+    def __init__(self, message: str, *, code: str | None = None, **where: Any) -> None:
+        if code is not None:
+            self.code = code
+        super().__init__(message, **where)
+
+
+class UnsupportedFeatureError(_NamedCode, ConversionError):
     """The adapter uses a feature lora-hub does not carry. `code` names the feature (FEATURE_ALORA, FEATURE_CONV,
     ...; see convert/features.py), or is FEATURE_UNSUPPORTED for a kind of adapter that is not LoRA at all.
 
@@ -271,13 +280,8 @@ class UnsupportedFeatureError(ConversionError):
 
     code = "FEATURE_UNSUPPORTED"
 
-    def __init__(self, message: str, *, code: str | None = None, **where: Any) -> None:
-        if code is not None:
-            self.code = code
-        super().__init__(message, **where)
 
-
-class ExportError(ConversionError):
+class ExportError(_NamedCode, ConversionError):
     """The adapter cannot be carried to or from a runtime's own layout (llama.cpp's GGUF, mlx-lm's folder) with the
     same result. `code` names the runtime and the reason (LLAMA_CPP_DORA, LLAMA_CPP_ARCH, MLX_TIED, ...; see
     convert/runtimes.py).
@@ -287,11 +291,6 @@ class ExportError(ConversionError):
     """
 
     code = "EXPORT_REFUSED"
-
-    def __init__(self, message: str, *, code: str | None = None, **where: Any) -> None:
-        if code is not None:
-            self.code = code
-        super().__init__(message, **where)
 
 
 class GgufError(ConversionError):

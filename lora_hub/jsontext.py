@@ -8,6 +8,8 @@ byte sequence per value: keys sorted by code point, no insignificant whitespace,
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -49,3 +51,21 @@ def strict_loads(text: str | bytes) -> Any:
 def canonical_json(value: Any) -> str:
     """The canonical JSON text of `value`: sorted keys, no whitespace, ASCII, finite numbers only."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def read_json_object(path: str | os.PathLike[str], *, limit: int, error: type[Exception]) -> dict[str, Any]:
+    """A config file holding one JSON object (a UTF-8 BOM tolerated), at most `limit` bytes, read strictly.
+
+    Raises:
+        error: Over the limit, not valid JSON, or not an object (with `path=` for lora-hub's errors).
+    """
+    path = Path(path)
+    if path.stat().st_size > limit:
+        raise error(f"over the {limit:,}-byte limit for {path.name}", path=path)
+    try:
+        config = strict_loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"not valid JSON: {e}", path=path) from e
+    if not isinstance(config, dict):
+        raise error(f"{path.name} must hold one JSON object", path=path)
+    return config

@@ -534,10 +534,9 @@ class _Validation(_Findings):
                 info, source = describe_base(declared, task_type=self.config.task_type), declared
             except BaseModelError:
                 info = None
-        modules = {m: replace(s, r=s.r * s.groups, alpha=s.alpha * (math.sqrt(s.groups) if s.rslora else s.groups),
-                              enable_lora=None) if s.enable_lora is not None else s
-                   for m, s in self.config.modules.items()}
-        config = replace(self.config, modules=modules)
+        from .convert.peft_export import plain_spec
+
+        config = replace(self.config, modules={m: plain_spec(s) for m, s in self.config.modules.items()})
 
         def same(module: str) -> bool | None:
             return same_base_weight(self.adapter(), module, source, info) if source is not None else None

@@ -54,3 +54,14 @@ def with_loralib_qkv(kind: str, *, seed: int) -> torch.nn.Module:
         new.lora_B.data = torch.randn(new.lora_B.shape, generator=generator) * 0.3
         setattr(parent, name, new)
     return model.eval()
+
+
+def counting_compile(model: torch.nn.Module) -> tuple[torch.nn.Module, list]:
+    """torch.compile with a backend that records each graph it is given: the list grows on every (re)compilation."""
+    compiles: list = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    return torch.compile(model, backend=counting_backend), compiles

@@ -16,6 +16,8 @@ import lora_hub
 from lora_hub.registry import Registry, RegistryEntry
 from lora_hub.testing import random_peft_adapter, tiny_model
 
+from .factories import counting_compile
+
 INPUT = torch.tensor([[1, 5, 9, 2, 7]])
 COUNT = 120
 
@@ -187,13 +189,7 @@ def test_on_demand_loads_and_evictions_within_a_fixed_budget_never_recompile(lib
                                               "down_proj"], max_resident=3, max_rank=8)
     runtime.use("team/a-1")
     pointers = {n: (x.lora_A.data_ptr(), x.lora_B.data_ptr()) for n, x in runtime.layers.items()}
-    compiles = []
-
-    def counting_backend(graph, example_inputs):
-        compiles.append(graph)
-        return graph.forward
-
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled, compiles = counting_compile(model)
     with torch.no_grad():
         for i in (1, 2, 4, 5, 7, 1, 6, 8, 2):  # ranks 3-8 (6: no MLP modules), loaded on demand, LRU evicted
             runtime.use(f"team/a-{i}")

@@ -17,7 +17,7 @@ import lora_hub
 from lora_hub.runtime import LoraLayer
 from lora_hub.testing import random_peft_adapter, tiny_config, tiny_model
 
-from .factories import QKV, with_loralib_qkv
+from .factories import QKV, counting_compile, with_loralib_qkv
 
 KINDS = ["llama", "gpt2", "bloom", "opt"]
 TOKENS = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -208,13 +208,7 @@ def test_switching_and_replacing_in_place_never_reallocate_or_recompile(adapters
     runtime.load("b", adapters["llama"]["b"])
     modules = {name: module for name, module in model.named_modules()}
     pointers = {n: (x.lora_A.data_ptr(), x.lora_B.data_ptr()) for n, x in runtime.layers.items()}
-    compiles = []
-
-    def counting_backend(graph, example_inputs):
-        compiles.append(graph)
-        return graph.forward
-
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled, compiles = counting_compile(model)
     outputs = {}
     for name in ("a", "b", "a"):
         runtime.use(name)

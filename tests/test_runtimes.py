@@ -271,6 +271,8 @@ def _gguf(path: Path, tensors: dict[str, np.ndarray], **meta) -> Path:
     writer.add_type(meta.pop("type", "adapter"))
     writer.add_string("adapter.type", meta.pop("adapter_type", "lora"))
     writer.add_float32("adapter.lora.alpha", meta.pop("alpha", 8.0))
+    if "invocation_tokens" in meta:  # an aLoRA adapter
+        writer.add_array("adapter.alora.invocation_tokens", meta.pop("invocation_tokens"))
     for name, data in tensors.items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()
@@ -324,18 +326,7 @@ def test_gguf_files_llama_cpp_would_refuse_are_refused(bases, case: str, tmp_pat
     elif case == "wrong_arch":
         path, expected = _gguf(tmp_path / "x.gguf", good, arch="qwen2"), "BASE_MISMATCH"
     else:
-        path = tmp_path / "x.gguf"
-        writer = gguf.GGUFWriter(path, "llama")
-        writer.add_type("adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_array("adapter.alora.invocation_tokens", [1, 2])
-        for name, data in good.items():
-            writer.add_tensor(name, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        expected = "FEATURE_ALORA"
+        path, expected = _gguf(tmp_path / "x.gguf", good, invocation_tokens=[1, 2]), "FEATURE_ALORA"
     with pytest.raises(lora_hub.LoraHubError) as raised:
         lora_hub.convert_adapter(path, base=bases["llama-gqa"])
     assert raised.value.code == expected, raised.value

@@ -27,7 +27,7 @@ from ..errors import (
     WeightsMissingError,
 )
 from ..format import SafetensorsHeader, read_safetensors_header
-from ..jsontext import is_json_int, is_json_number, strict_loads
+from ..jsontext import is_json_int, is_json_number, read_json_object
 from .mlxlm import MLX_WEIGHTS, is_mlx_config, read_mlx_config
 
 PEFT_CONFIG = "adapter_config.json"
@@ -133,14 +133,7 @@ def read_peft_config(path: Path) -> dict:
         UnsupportedFeatureError: Another PEFT method (prefix tuning, IA3, ...).
         PeftConfigError: An mlx-lm adapter config.
     """
-    if path.stat().st_size > C.MAX_PEFT_CONFIG_BYTES:
-        raise PeftConfigError(f"over the {C.MAX_PEFT_CONFIG_BYTES:,}-byte limit for adapter_config.json", path=path)
-    try:
-        config = strict_loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PeftConfigError(f"not valid JSON: {e}", path=path) from e
-    if not isinstance(config, dict):
-        raise PeftConfigError("adapter_config.json must hold one JSON object", path=path)
+    config = read_json_object(path, limit=C.MAX_PEFT_CONFIG_BYTES, error=PeftConfigError)
     if is_mlx_config(config):
         raise PeftConfigError("an mlx-lm adapter config (lora_parameters), not PEFT's: mlx-lm's weights are "
                               f"{MLX_WEIGHTS}", path=path)

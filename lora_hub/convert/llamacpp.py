@@ -21,22 +21,24 @@ from typing import TYPE_CHECKING, Any
 
 from .. import constants as C
 from ..adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
-from ..errors import BaseModelError, BaseModelMismatchError, ExportError, GgufError, ParameterRequiredError
+from ..errors import BaseModelMismatchError, ExportError, GgufError, ParameterRequiredError
 from .runtimes import (
     GGUF_ARCHS,
     common_value,
+    export_base,
     fold_factor,
     gguf_arch,
     gguf_names,
     llama_cpp_problems,
     permuted_rows,
     plain_number,
+    refuse_problems,
 )
 
 if TYPE_CHECKING:
     import torch
 
-    from ..basemodel import BaseModelInfo, BaseSource
+    from ..basemodel import BaseSource
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 """The tensor types `to_gguf` writes (llama.cpp's convert_lora_to_gguf.py --outtype)."""
@@ -111,35 +113,6 @@ def to_gguf(adapter: Adapter, path: str | os.PathLike[str], *, base: BaseSource 
         writer.write_tensors_to_file()
         writer.close()
     return Path(path)
-
-
-def export_base(adapter: Adapter, base: BaseSource | None, runtime: str) -> BaseModelInfo:
-    """The base model a runtime export is laid out for: `base`, else the one the adapter declares."""
-    from ..basemodel import describe_base
-
-    source = base if base is not None else (adapter.config.base_model.name if adapter.config.base_model else None)
-    if source is None:
-        raise BaseModelError(f"the adapter declares no base model, and {runtime}'s layout depends on it (names, "
-                             "architecture, tied embeddings): give the base model (base=, CLI --base)")
-    try:
-        return describe_base(source, task_type=adapter.config.task_type)
-    except BaseModelError as e:
-        if base is None:
-            e.message += f" (the base model the adapter declares; {runtime}'s layout depends on it: give base=, CLI " \
-                         "--base)"
-            e.args = (e._text(),)
-        raise
-
-
-def refuse_problems(problems: list, runtime: str) -> None:
-    """Raises ExportError for the first of `problems` (saying how many there are), if any."""
-    if not problems:
-        return
-    first = problems[0]
-    more = f" ({len(problems) - 1} more problem(s): {', '.join(sorted({p.code for p in problems[1:]}))})" \
-        if len(problems) > 1 else ""
-    raise ExportError(f"{runtime} cannot run this adapter with PeftModel's result: {first.message}{more}",
-                      code=first.code, module=first.module)
 
 
 def _permute(b: torch.Tensor, heads: int) -> torch.Tensor:
@@ -244,12 +217,9 @@ def _open(path: Path):
     format's limits (the reader allocates by them)."""
     import gguf
 
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        raise
+    with open(path, "rb") as f:
+        head = f.read(24)
+        size = os.fstat(f.fileno()).st_size
     if len(head) < 24 or head[:4] != b"GGUF":
         raise GgufError("not a GGUF file (no GGUF magic)", path=path)
     version, tensors, kv = struct.unpack("<IQQ", head[4:24])

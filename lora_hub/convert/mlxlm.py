@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from .. import constants as C
 from ..adapter import Adapter, AdapterConfig, BaseModelRef, ModuleSpec
 from ..errors import MlxConfigError, ParameterRequiredError, UnsupportedFeatureError
-from ..jsontext import is_json_int, is_json_number, strict_loads
-from .runtimes import common_value, fold_factor, mlx_problems, plain_number
+from ..jsontext import is_json_int, is_json_number, read_json_object
+from .runtimes import common_value, export_base, fold_factor, mlx_problems, plain_number, refuse_problems
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,6 @@ def to_mlx(adapter: Adapter, directory: str | os.PathLike[str], *, base: BaseSou
     from ..basemodel import same_base_weight
     from ..errors import BaseModelError
     from ..format import verify_checksum
-    from .llamacpp import export_base, refuse_problems
     from .peft_export import expand_enable_lora
 
     try:
@@ -133,14 +132,7 @@ def read_mlx_config(path: Path) -> dict[str, Any]:
         MlxConfigError: Unreadable, or a setting missing or of the wrong type. UnsupportedFeatureError: a full
             fine-tune (fine_tune_type "full"), which is no adapter.
     """
-    if path.stat().st_size > C.MAX_PEFT_CONFIG_BYTES:
-        raise MlxConfigError(f"over the {C.MAX_PEFT_CONFIG_BYTES:,}-byte limit for adapter_config.json", path=path)
-    try:
-        config = strict_loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MlxConfigError(f"not valid JSON: {e}", path=path) from e
-    if not isinstance(config, dict):
-        raise MlxConfigError("adapter_config.json must hold one JSON object", path=path)
+    config = read_json_object(path, limit=C.MAX_PEFT_CONFIG_BYTES, error=MlxConfigError)
     kind = config.get("fine_tune_type", "lora")
     if kind == "full":
         raise UnsupportedFeatureError("an mlx-lm full fine-tune (fine_tune_type 'full'): its weights replace the "

@@ -145,11 +145,19 @@ def expand_enable_lora(adapter: Adapter) -> Adapter:
         for g, s in enumerate(enabled):
             wide[s, :, g, :] = b[g * n:(g + 1) * n]
         tensors[adapter.config.lora_tensor_names(module)[1]] = wide.reshape(spec.out_features, k * r)
-        alpha = spec.alpha * (math.sqrt(k) if spec.rslora else k)
-        modules[module] = ModuleSpec(r=r * k, alpha=alpha, in_features=spec.in_features,
-                                     out_features=spec.out_features, rslora=spec.rslora,
-                                     fan_in_fan_out=spec.fan_in_fan_out)
+        modules[module] = plain_spec(spec)
     return adapter.derived(replace(adapter.config, modules=modules), tensors)
+
+
+def plain_spec(spec: ModuleSpec) -> ModuleSpec:
+    """The spec of an enable_lora module's exactly equivalent plain form (see `expand_enable_lora`): rank r*k, alpha
+    scaled so that the scaling is unchanged. A plain spec is returned as it is."""
+    if spec.enable_lora is None:
+        return spec
+    k = spec.groups
+    return ModuleSpec(r=spec.r * k, alpha=spec.alpha * (math.sqrt(k) if spec.rslora else k),
+                      in_features=spec.in_features, out_features=spec.out_features, rslora=spec.rslora,
+                      fan_in_fan_out=spec.fan_in_fan_out)
 
 
 def peft_config(config: AdapterConfig) -> dict[str, Any]:

@@ -14,7 +14,6 @@ names modules per architecture.
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from typing import TYPE_CHECKING
 from ..adapter import AdapterConfig
 
 if TYPE_CHECKING:
-    from ..basemodel import BaseModelInfo
+    from ..adapter import Adapter
+    from ..basemodel import BaseModelInfo, BaseSource
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,37 @@ def _common_problems(prefix: str, runtime: str, config: AdapterConfig, same_as_b
     return found
 
 
+def export_base(adapter: Adapter, base: BaseSource | None, runtime: str) -> BaseModelInfo:
+    """The base model a runtime export is laid out for: `base`, else the one the adapter declares."""
+    from ..basemodel import describe_base
+    from ..errors import BaseModelError
+
+    source = base if base is not None else (adapter.config.base_model.name if adapter.config.base_model else None)
+    if source is None:
+        raise BaseModelError(f"the adapter declares no base model, and {runtime}'s layout depends on it (names, "
+                             "architecture, tied embeddings): give the base model (base=, CLI --base)")
+    try:
+        return describe_base(source, task_type=adapter.config.task_type)
+    except BaseModelError as e:
+        if base is not None:
+            raise
+        raise BaseModelError(f"{e.message} (the base model the adapter declares; {runtime}'s layout depends on it: "
+                             "give base=, CLI --base)", path=e.path) from e
+
+
+def refuse_problems(problems: list[Problem], runtime: str) -> None:
+    """Raises ExportError for the first of `problems` (saying how many there are), if any."""
+    from ..errors import ExportError
+
+    if not problems:
+        return
+    first = problems[0]
+    more = f" ({len(problems) - 1} more problem(s): {', '.join(sorted({p.code for p in problems[1:]}))})" \
+        if len(problems) > 1 else ""
+    raise ExportError(f"{runtime} cannot run this adapter with PeftModel's result: {first.message}{more}",
+                      code=first.code, module=first.module)
+
+
 def common_value(values: Iterable[float]) -> float:
     """The most common value (the smallest among equally common ones): the one a file-wide setting takes, so that
     the fewest modules need their scale folded into lora_B."""
@@ -230,7 +261,7 @@ def common_value(values: Iterable[float]) -> float:
 def fold_factor(native: float, common: float) -> float | None:
     """What lora_B is multiplied by so that a runtime's file-wide scale gives a module its own; None when it
     already does."""
-    return None if math.isclose(native, common, rel_tol=0.0, abs_tol=0.0) else native / common
+    return None if native == common else native / common
 
 
 def plain_number(value: float) -> int | float:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..adapter import Adapter, AdapterConfig
 from ..basemodel import LiveBase
-from ..errors import AdapterMismatchError, LoraHubWarning, RuntimeStateError
+from ..errors import AdapterMismatchError, AdapterNotFoundError, LoraHubWarning, RuntimeStateError
 from ..findings import Severity
 from ..validate import check_base
 from .hostcache import HostCache
@@ -508,18 +508,20 @@ class AdapterRuntime:
             if not isinstance(name, str) or name in self._resident:
                 continue
             adapter = self._host.get(name) if self._host is not None else None
-            if adapter is None:
-                source = self._sources.get(name)
-                if source is None and not _loadable(name):
-                    self._get(name)  # raises: neither loaded nor anything to load
-                if isinstance(source, Adapter):
-                    adapter = source
-                else:
-                    path, allow_pickle, options = source if source is not None else (name, False, {})
+            source = self._sources.get(name)
+            if adapter is None and isinstance(source, Adapter):
+                adapter = source
+            elif adapter is None:
+                path, allow_pickle, options = source if source is not None else (name, False, {})
+                try:
                     adapter = self._convert(path, allow_pickle, options)
-                    self._sources[name] = (path, allow_pickle, options)
-                    if self._host is not None:
-                        adapter = self._host.put(name, adapter)
+                except AdapterNotFoundError:
+                    if source is None:
+                        self._get(name)  # neither loaded nor a path, registry name or Hub id: "no adapter loaded"
+                    raise
+                self._sources[name] = (path, allow_pickle, options)
+                if self._host is not None:
+                    adapter = self._host.put(name, adapter)
             self._load(name, adapter, keep=set(names))
 
     def _evict(self, keep: set[str]) -> None:
@@ -558,16 +560,6 @@ def _names(choice: Choice) -> list[str]:
     if choice is None:
         return []
     return [choice] if isinstance(choice, str) else list(choice)
-
-
-def _loadable(name: str) -> bool:
-    """Whether a name that was never loaded can be loaded on demand: an existing path, a registry name, or
-    something shaped like a Hub repo id."""
-    from ..hub import _REPO_ID
-    from ..registry import Registry
-
-    repo_id = name.partition("@")[0]
-    return os.path.exists(name) or bool(_REPO_ID.match(repo_id)) or name in Registry()
 
 
 def attach(model: nn.Module, *, targets: Iterable[str] | None = None, max_adapters: int | None = None,
