@@ -14,8 +14,10 @@ import functools
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import constants as C
@@ -27,12 +29,23 @@ from .errors import (
     TensorDtypeError,
     UnexpectedTensorError,
 )
-from .jsontext import canonical_json, is_json_int, is_json_number, strict_loads
+from .jsontext import (
+    canonical_json,
+    is_json_int,
+    is_json_number,
+    members_in_text,
+    quick_dumps,
+    quick_loads,
+    strict_loads,
+    walk,
+)
 
 if TYPE_CHECKING:
     import torch
 
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
+_MODULE_PATHS = re.compile(r"[A-Za-z0-9_\-]+(?:[.\n][A-Za-z0-9_\-]+)*")
+"""Module paths joined by newlines (each non-empty, its segments non-empty)."""
 KINDS = ("linear", "embedding", "experts")
 """The kinds of module (FORMAT.md section 8)."""
 FEATURES: dict[str, str] = {
@@ -60,6 +73,24 @@ class ModuleTensors(NamedTuple):
     bias: str | None
     magnitude: str | None
     base: str | None
+
+
+def _module_names_valid(names: list[str]) -> bool:
+    """Whether `check_module_name` finds nothing wrong with any of `names` (strings), checked on them all at once:
+    one match of the joined paths, one search per reserved segment."""
+    if not names:
+        return True
+    joined = "\n".join(names)
+    if max(map(len, names)) > C.MAX_NAME_BYTES or joined.count("\n") != len(names) - 1 or \
+            not _MODULE_PATHS.fullmatch(joined):
+        return False
+    dotted = "." + joined.replace(".", "..").replace("\n", ".\n.") + "."  # every segment as .segment.
+    return not any(f".{reserved}." in dotted for reserved in _RESERVED_SEGMENTS)
+
+
+def _distinct(specs: Iterable[object]) -> list:
+    """The distinct objects of `specs` by identity, in order (a config's modules share specs)."""
+    return list(dict(zip(map(id, specs), specs, strict=True)).values())
 
 
 def check_module_name(name: object) -> str | None:
@@ -315,7 +346,7 @@ class AdapterConfig:
             if isinstance(values, (str, bytes)) or not all(isinstance(v, str) for v in values):
                 shown = values if isinstance(values, (str, bytes)) else list(values)
                 raise ConfigError(f"{key} must be a list of strings, got {_shown(shown)}")
-        if not all(isinstance(name, str) for name in self.modules):
+        if not all(map(isinstance, self.modules, repeat(str))):
             raise ConfigError("module paths must be strings")
         object.__setattr__(self, "modules", dict(sorted(self.modules.items())))
         object.__setattr__(self, "modules_to_save", tuple(sorted(set(self.modules_to_save))))
@@ -324,19 +355,10 @@ class AdapterConfig:
             raise ConfigError("the adapter has no modules: at least one LoRA module is required")
         if len(self.modules) > C.MAX_MODULES:
             raise ConfigError(f"{len(self.modules):,} modules exceed the limit of {C.MAX_MODULES:,}")
-        valid: set[int] = set()  # specs already checked (modules of one shape share one ModuleSpec from from_json)
-        for name, spec in self.modules.items():
-            problem = check_module_name(name)
-            if problem:
-                raise ConfigError(f"module path {name!r}: {problem}", module=name)
-            if id(spec) in valid:
-                continue
-            if not isinstance(spec, ModuleSpec):
-                raise ConfigError(f"module '{name}': expected a ModuleSpec, got {type(spec).__name__}", module=name)
-            problems = spec.problems()
-            if problems:
-                raise ConfigError(f"module '{name}': {'; '.join(problems)}", module=name)
-            valid.add(id(spec))
+        distinct = _distinct(self.modules.values())  # modules of one shape share one ModuleSpec from from_json
+        if not _module_names_valid(list(self.modules)) or not all(
+                isinstance(spec, ModuleSpec) and not spec.problems() for spec in distinct):
+            self._raise_module_problem()
         for name in self.modules_to_save:
             problem = check_module_name(name)
             if problem:
@@ -357,6 +379,18 @@ class AdapterConfig:
         if self.provenance is not None and not isinstance(self.provenance, Mapping):
             raise ConfigError(f"provenance must be an object, got {_json_type(self.provenance)}")
         self._check_trainable_tokens()
+
+    def _raise_module_problem(self) -> None:
+        """Raises the ConfigError of the first module (in order) whose path or spec is invalid."""
+        for name, spec in self.modules.items():
+            problem = check_module_name(name)
+            if problem:
+                raise ConfigError(f"module path {name!r}: {problem}", module=name)
+            if not isinstance(spec, ModuleSpec):
+                raise ConfigError(f"module '{name}': expected a ModuleSpec, got {type(spec).__name__}", module=name)
+            problems = spec.problems()
+            if problems:
+                raise ConfigError(f"module '{name}': {'; '.join(problems)}", module=name)
 
     def _check_trainable_tokens(self) -> None:
         tokens = self.trainable_tokens
@@ -387,7 +421,7 @@ class AdapterConfig:
     def features(self) -> tuple[str, ...]:
         """The format features this adapter needs (FORMAT.md section 4), sorted: empty for a version-1 file."""
         found: set[str] = set()
-        for spec in self.modules.values():
+        for spec in _distinct(self.modules.values()):
             found |= spec.features
         if self.trainable_tokens:
             found.add("trainable_tokens")
@@ -451,25 +485,7 @@ class AdapterConfig:
         Raises:
             ConfigError: The text is not a JSON object, or a value breaks the schema.
         """
-        try:
-            data = strict_loads(text)
-        except ValueError as e:
-            raise ConfigError(f"lora_hub.config is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"lora_hub.config must be a JSON object, got {_json_type(data)}")
-        modules = data.get("modules")
-        if not isinstance(modules, dict):
-            raise ConfigError(f"lora_hub.config needs 'modules', an object of entries, not {_json_type(modules)}")
-        shared: dict[tuple, ModuleSpec] = {}  # identical entries (by value and JSON type) give one ModuleSpec
-        specs = {}
-        for name, entry in modules.items():
-            key = _entry_key(entry)
-            spec = shared.get(key) if key is not None else None
-            if spec is None:
-                spec = ModuleSpec.from_dict(entry, module=name)
-                if key is not None:
-                    shared[key] = spec
-            specs[name] = spec
+        data, specs = _quick_config(text.encode("utf-8", "surrogatepass")) or _strict_config(text)
         base = data.get("base_model")
         if base is not None:
             if not isinstance(base, dict) or not all(
@@ -512,6 +528,8 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
     Raises:
         MissingTensorError, UnexpectedTensorError, TensorDtypeError, RankMismatchError, ShapeMismatchError.
     """
+    if _plain_index_fits(config, index):
+        return
     claimed: set[str] = set()
     for module, spec in config.modules.items():
         names = spec.tensor_names(module)
@@ -578,6 +596,31 @@ def check_tensor_index(config: AdapterConfig, index: Mapping[str, tuple[str, tup
         if not owned[module]:
             raise MissingTensorError(f"modules_to_save lists '{module}' but no tensor {C.TENSOR_PREFIX}{module}.* "
                                      "is present", module=module)
+
+
+def _plain_index_fits(config: AdapterConfig, index: Mapping[str, tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether the tensors are exactly what a config of plain linear modules (no bias, magnitude or base weight, no
+    trainable tokens or modules to save) describes, checked on all modules at once: True means `check_tensor_index`
+    would find nothing wrong; False, that it must look module by module (and raise, or accept what this does not
+    cover)."""
+    specs = list(config.modules.values())
+    distinct = _distinct(specs)
+    if config.trainable_tokens or config.modules_to_save or len(index) != 2 * len(specs) or any(
+            spec.kind != "linear" or spec.bias or spec.dora or spec.replaces_base for spec in distinct):
+        return False
+    modules = list(config.modules)
+    try:
+        a = list(map(index.__getitem__, map("".join, zip(repeat(C.TENSOR_PREFIX), modules, repeat(C.LORA_A_SUFFIX)))))
+        b = list(map(index.__getitem__, map("".join, zip(repeat(C.TENSOR_PREFIX), modules, repeat(C.LORA_B_SUFFIX)))))
+    except KeyError:
+        return False
+    if {*map(itemgetter(0), a), *map(itemgetter(0), b)} - C.LORA_DTYPES:
+        return False
+    a_shapes = {id(spec): spec.a_shape for spec in distinct}
+    b_shapes = {id(spec): spec.b_shape for spec in distinct}
+    ids = list(map(id, specs))
+    return list(map(tuple, map(itemgetter(1), a))) == list(map(a_shapes.__getitem__, ids)) and \
+        list(map(tuple, map(itemgetter(1), b))) == list(map(b_shapes.__getitem__, ids))
 
 
 def _check_extra(index: Mapping[str, tuple[str, tuple[int, ...]]], module: str, role: str, name: str,
@@ -776,6 +819,76 @@ def dora_weight(spec: ModuleSpec, weight: torch.Tensor, lora_A: torch.Tensor, lo
 
 
 _SCALARS = (int, float, str, bool, type(None))
+
+
+def _strict_config(text: str) -> tuple[dict[str, Any], dict[str, ModuleSpec]]:
+    """The config document and its module specs, read one entry at a time: the reading whose verdict and messages
+    stand."""
+    try:
+        data = strict_loads(text)
+    except ValueError as e:
+        raise ConfigError(f"lora_hub.config is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"lora_hub.config must be a JSON object, got {_json_type(data)}")
+    modules = data.get("modules")
+    if not isinstance(modules, dict):
+        raise ConfigError(f"lora_hub.config needs 'modules', an object of entries, not {_json_type(modules)}")
+    shared: dict[tuple, ModuleSpec] = {}  # identical entries (by value and JSON type) give one ModuleSpec
+    specs = {}
+    for name, entry in modules.items():
+        key = _entry_key(entry)
+        spec = shared.get(key) if key is not None else None
+        if spec is None:
+            spec = ModuleSpec.from_dict(entry, module=name)
+            if key is not None:
+                shared[key] = spec
+        specs[name] = spec
+    return data, specs
+
+
+_QUICK_VALUES = {int, float, str, bool, type(None), list}
+_QUICK_ITEMS = {int, float, bool, type(None)}
+
+
+def _quick_config(raw: bytes) -> tuple[dict[str, Any], dict[str, ModuleSpec]] | None:
+    """What `_strict_config` returns, for a document whose module entries hold scalars and lists of non-string
+    scalars (enable_lora's), with no Python code per module: entries are keyed by their own JSON text (which tells
+    1, 1.0 and true apart), and one ModuleSpec is made per distinct text. None for anything else (an object or a
+    string in a list, a ':' in an entry's keys or strings, an entry `ModuleSpec.from_dict` refuses, a duplicate
+    key, deep nesting), which `_strict_config` then reads and judges."""
+    try:
+        data = quick_loads(raw)
+    except ValueError:
+        return None
+    modules = data.get("modules") if type(data) is dict else None
+    if type(modules) is not dict:
+        return None
+    names, entries = list(modules), list(modules.values())
+    if set(map(type, entries)) - {dict}:
+        return None
+    keys = list(map(quick_dumps, entries))
+    specs_of = {}
+    for key, entry in dict(zip(keys, entries, strict=True)).items():
+        values = list(entry.values())
+        lists = [value for value in values if type(value) is list]  # enable_lora's flags
+        if set(map(type, values)) - _QUICK_VALUES or set(map(type, chain.from_iterable(lists))) - _QUICK_ITEMS or \
+                ":" in "".join(chain(entry, (value for value in values if type(value) is str))):
+            return None
+        try:
+            specs_of[key] = ModuleSpec.from_dict(entry, module="")
+        except ConfigError:
+            return None
+    strings: list[str] = [*data, *names]  # the entries' keys and strings hold no ':'
+    members = len(data) + len(names) + sum(map(len, entries))
+    for key, value in data.items():
+        if key != "modules":
+            found = walk(value, strings)
+            if found is None:
+                return None
+            members += found
+    if members_in_text(raw, strings) != members:
+        return None
+    return data, dict(zip(names, map(specs_of.__getitem__, keys), strict=True))
 
 
 def _entry_key(entry: object) -> tuple | None:

@@ -3,14 +3,28 @@
 Strict reading refuses what Python's json module would quietly accept: duplicate keys (the last one would win and
 hide the first), NaN and Infinity, and nesting deeper than the interpreter can follow. Canonical writing gives one
 byte sequence per value: keys sorted by code point, no insignificant whitespace, ASCII only.
+
+The large documents (a header and config of thousands of modules) are first read by `quick_loads` (orjson, with no
+Python call per object) and checked in bulk by their readers, which count members against `members_in_text` to
+find duplicate keys; anything that is not plainly well-formed is read again by `strict_loads`, whose verdict and
+message stand. The quick reading is an optimisation only: it accepts nothing that strict reading refuses.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import orjson
+
+_ESCAPED_COLON = re.compile(rb"\\u003[aA]")
+MAX_QUICK_DEPTH = 64
+"""How deep `walk` follows a value read by `quick_loads` (FORMAT.md section 15 lets a reader refuse more than 64
+levels; deeper values go to `strict_loads`, which decides)."""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -46,6 +60,60 @@ def strict_loads(text: str | bytes) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except RecursionError as e:
         raise ValueError("nesting is too deep") from e
+
+
+def quick_loads(data: bytes) -> Any:
+    """orjson's reading of JSON `data`. It refuses NaN and Infinity and bounds its nesting without recursing, like
+    `strict_loads`, and also refuses what strict reading would accept (lone surrogates, integers over 64 bits);
+    unlike it, it keeps the last of duplicate keys: a caller compares `members_in_text` with the members it counts.
+
+    Raises:
+        ValueError: Where orjson refuses `data` (the caller then reads it with `strict_loads`).
+    """
+    return orjson.loads(data)
+
+
+quick_dumps = orjson.dumps
+"""orjson's compact JSON text of a value read by `quick_loads` (keys in their order): e.g. a key that tells apart
+values Python compares equal (1, 1.0 and true). (orjson's own function: mapped over thousands of entries.)"""
+
+
+def members_in_text(data: bytes, strings: Iterable[str]) -> int | None:
+    """The number of object members written in the JSON text `data`, given every decoded key and string value in
+    it that may hold a ':' (the others may be left out).
+
+    Every member has one ':' outside strings, so this is the count of ':' bytes less those inside strings. A parsed
+    dict keeps duplicate keys once, so the text has duplicates exactly when this exceeds the members of the parsed
+    value. None when `data` holds an escaped ':' ('\\u003a'), which decodes to a ':' that the text does not hold.
+    """
+    if _ESCAPED_COLON.search(data):
+        return None
+    return data.count(b":") - "".join(strings).count(":")
+
+
+def walk(value: Any, strings: list[str], depth: int = 0) -> int | None:
+    """The members of the objects in `value` (a value read by `quick_loads`), appending its keys and string values
+    to `strings` (for `members_in_text`); None when it nests deeper than MAX_QUICK_DEPTH. For the small parts of a
+    document: the large, regular parts are counted in bulk by their readers."""
+    if depth > MAX_QUICK_DEPTH:
+        return None
+    if type(value) is str:
+        strings.append(value)
+        return 0
+    if type(value) is dict:
+        strings.extend(value)
+        members = len(value)
+        children = value.values()
+    elif type(value) is list:
+        members, children = 0, value
+    else:
+        return 0
+    for child in children:
+        found = walk(child, strings, depth + 1)
+        if found is None:
+            return None
+        members += found
+    return members
 
 
 def canonical_json(value: Any) -> str:

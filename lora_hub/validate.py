@@ -21,6 +21,7 @@ import statistics
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -272,7 +273,7 @@ class _Validation(_Findings):
             header = self.adapter_header = (adapter_header(detected.header) if detected.header is not None
                                             else read_header(detected.weights))
             self.header, self.config = header.safetensors, header.config
-            self.shapes = {n: i.shape for n, i in header.tensors.items()}
+            self.shapes = dict(zip(header.tensors, map(attrgetter("shape"), header.tensors.values()), strict=True))
             if self.config.tensors_sha256 is None:
                 self.add("CHECKSUM_ABSENT", "the file records no tensors_sha256")
             ref = self.config.base_model
