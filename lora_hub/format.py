@@ -427,10 +427,12 @@ def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[st
     if set(map(type, dims + begins + ends)) - {int} or dims and (min(dims) < 0 or max(dims) > C.MAX_JSON_INT):
         return None
     # The tiling: by begin, the ranges start at 0, each where the one before ends, the last at the buffer's end (so
-    # every offset lies within 0..buffer_size, below 2**53).
-    order = sorted(range(len(begins)), key=begins.__getitem__)
-    if [0, *map(ends.__getitem__, order)] != [*map(begins.__getitem__, order), buffer_size]:
-        return None
+    # every offset lies within 0..buffer_size, below 2**53). Tensors of one dtype are written in name order, so the
+    # header's own order usually is that order already.
+    if [0, *ends] != [*begins, buffer_size]:
+        order = sorted(range(len(begins)), key=begins.__getitem__)
+        if [0, *map(ends.__getitem__, order)] != [*map(begins.__getitem__, order), buffer_size]:
+            return None
     if names and (max(map(len, shapes)) > C.MAX_NDIM or not all(map(le, begins, ends))
                   or list(map(mul, map(math.prod, shapes), map(_ITEMSIZE.__getitem__, dtypes)))
                   != list(map(sub, ends, begins))):
