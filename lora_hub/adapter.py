@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     import torch
 
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
-_MODULE_PATHS = re.compile(r"[A-Za-z0-9_\-]+(?:[.\n][A-Za-z0-9_\-]+)*")
-"""Module paths joined by newlines (each non-empty, its segments non-empty)."""
+_PATH_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+"""What a module path's segments are made of (as _MODULE_PATH says)."""
 KINDS = ("linear", "embedding", "experts")
 """The kinds of module (FORMAT.md section 8)."""
 FEATURES: dict[str, str] = {
@@ -77,13 +77,18 @@ class ModuleTensors(NamedTuple):
 
 def _module_names_valid(names: list[str]) -> bool:
     """Whether `check_module_name` finds nothing wrong with any of `names` (strings), checked on them all at once:
-    one match of the joined paths, one search per reserved segment."""
+    the joined paths hold only path characters and separators, no empty segment, no reserved segment."""
     if not names:
         return True
     joined = "\n".join(names)
-    if max(map(len, names)) > C.MAX_NAME_BYTES or joined.count("\n") != len(names) - 1 or \
-            not _MODULE_PATHS.fullmatch(joined):
+    if not joined.isascii() or max(map(len, names)) > C.MAX_NAME_BYTES or joined.count("\n") != len(names) - 1:
         return False
+    raw = joined.encode("ascii")
+    if not raw or raw.translate(None, _PATH_CHARACTERS + b".\n") or raw.startswith((b".", b"\n")) or \
+            raw.endswith((b".", b"\n")) or any(map(raw.__contains__, (b"..", b".\n", b"\n.", b"\n\n"))):
+        return False
+    if not any(map(joined.__contains__, _RESERVED_SEGMENTS)):
+        return True
     dotted = "." + joined.replace(".", "..").replace("\n", ".\n.") + "."  # every segment as .segment.
     return not any(f".{reserved}." in dotted for reserved in _RESERVED_SEGMENTS)
 

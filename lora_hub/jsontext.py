@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+_DIGITS = bytes(ord("0") if chr(i).isdigit() and i < 128 else ord(" ") for i in range(256))
+_LONG_DIGITS = b"0" * 19
 _ESCAPED_COLON = re.compile(rb"\\u003[aA]")
 MAX_QUICK_DEPTH = 64
 """How deep `walk` follows a value read by `quick_loads` (FORMAT.md section 15 lets a reader refuse more than 64
@@ -63,13 +65,18 @@ def strict_loads(text: str | bytes) -> Any:
 
 
 def quick_loads(data: bytes) -> Any:
-    """orjson's reading of JSON `data`. It refuses NaN and Infinity and bounds its nesting without recursing, like
-    `strict_loads`, and also refuses what strict reading would accept (lone surrogates, integers over 64 bits);
-    unlike it, it keeps the last of duplicate keys: a caller compares `members_in_text` with the members it counts.
+    """orjson's reading of JSON `data`, where it reads the same values as `strict_loads`. orjson refuses NaN and
+    Infinity and bounds its nesting without recursing, like strict reading, and also refuses what strict reading
+    accepts (lone surrogates, 1e400); it reads integers outside [-2**63, 2**64) as floats, so a text with a run of
+    19 digits or more is refused here. Unlike strict reading it keeps the last of duplicate keys: a caller compares
+    `members_in_text` with the members it counts.
 
     Raises:
-        ValueError: Where orjson refuses `data` (the caller then reads it with `strict_loads`).
+        ValueError: Where orjson refuses `data`, or may read a number otherwise (the caller then reads it with
+            `strict_loads`).
     """
+    if _LONG_DIGITS in data.translate(_DIGITS):
+        raise ValueError("a number of 19 digits or more")
     return orjson.loads(data)
 
 
