@@ -851,8 +851,8 @@ def _strict_config(text: str) -> tuple[dict[str, Any], dict[str, ModuleSpec]]:
     return data, specs
 
 
-_QUICK_VALUES = {int, float, str, bool, type(None), list}
-_QUICK_ITEMS = {int, float, bool, type(None)}
+_QUICK_VALUES = {*_SCALARS, list}
+_QUICK_ITEMS = set(_SCALARS) - {str}
 
 
 def _quick_config(raw: bytes) -> tuple[dict[str, Any], dict[str, ModuleSpec]] | None:

@@ -65,13 +65,18 @@ class PushResult:
     revision: str
 
 
+def is_repo_id(name: object) -> bool:
+    """Whether `name` is `namespace/name` with safe parts (no '..', no slashes beyond the one)."""
+    return isinstance(name, str) and bool(_REPO_ID.fullmatch(name)) and ".." not in name
+
+
 def check_repo_id(repo_id: str) -> str:
-    """`repo_id` if it is `namespace/name` with safe parts (no '..', no slashes beyond the one).
+    """`repo_id` if it `is_repo_id`.
 
     Raises:
         RepoIdError: Otherwise.
     """
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
+    if not is_repo_id(repo_id):
         raise RepoIdError(f"{repo_id!r} is not a repository id: use namespace/name (letters, digits, '-', '_', '.'; "
                           "no '..')")
     return repo_id
@@ -264,7 +269,7 @@ def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None,
         return Resolved(registry.resolve(name), "registry", name)
     repo_id, _, revision = name.partition("@")
     looks_like_a_file = repo_id.lower().endswith(_FILE_SUFFIXES)  # a mistyped path, not a Hub lookup
-    if _REPO_ID.match(repo_id) and ".." not in repo_id and not looks_like_a_file:
+    if is_repo_id(repo_id) and not looks_like_a_file:
         return Resolved(pull(repo_id, revision=revision or None, registry=registry, **pull_options), "hub", name)
     raise AdapterNotFoundError(f"{name!r} is neither a file or folder, nor a registry name, nor a Hub repository "
                                "id (namespace/name)")
@@ -299,7 +304,7 @@ def base_folder(base: str | os.PathLike[str], *, revision: str | None = None, to
     if path.is_dir():
         return path
     name = os.fspath(base)
-    if not _REPO_ID.match(name) or ".." in name:
+    if not is_repo_id(name):
         raise BaseModelError(f"the base model {name!r} is not a local folder, and not a Hub repository id to fetch "
                              "(namespace/name): it is probably a path on the machine the adapter was made on; give "
                              "the base model (base=, CLI --base)", path=name)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("lora_hub.vllm")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?")
+_REVISION = re.compile(r"[A-Za-z0-9._/-]{1,128}")
 SOURCES = ("registry", "hub")
 
 
@@ -46,15 +46,15 @@ def peft_folder_for_vllm(base_model_name: str, lora_name: str, *, sources: tuple
     from .basemodel import describe_base
     from .convert import convert_adapter, to_peft
     from .errors import BaseModelError, LoraHubError
-    from .hub import pull, registry_name
+    from .hub import is_repo_id, pull, registry_name
     from .registry import Registry
     from .validate import validate
 
     registry = Registry(home)
+    repo_id, at, revision = lora_name.partition("@")
     if lora_name in registry and "registry" in sources:
         entry = registry.get(lora_name)
-    elif "hub" in sources and _NAME.fullmatch(lora_name) and ".." not in lora_name:
-        repo_id, _, revision = lora_name.partition("@")
+    elif "hub" in sources and is_repo_id(repo_id) and (not at or _REVISION.fullmatch(revision)):
         try:
             pull(repo_id, revision=revision or None, registry=registry)
         except LoraHubError as e:

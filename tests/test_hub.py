@@ -176,7 +176,7 @@ def test_a_repository_without_an_adapter_and_bad_repo_ids(hub: Hub, tmp_path) ->
     api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="bob/not-an-adapter")
     with pytest.raises(lora_hub.NotAnAdapterRepoError):
         lora_hub.pull("bob/not-an-adapter")
-    for bad in ("../../etc", "alice", "alice/../x", "a/b/c", "/abs/x"):
+    for bad in ("../../etc", "alice", "alice/../x", "a/b/c", "/abs/x", "alice/sql\n"):
         with pytest.raises(lora_hub.RepoIdError):
             lora_hub.pull(bad)
     with pytest.raises(lora_hub.RepoNotFoundError):
