@@ -35,7 +35,7 @@ from .jsontext import (
     is_json_number,
     members_in_text,
     quick_dumps,
-    quick_loads,
+    quick_read,
     strict_loads,
     walk,
 )
@@ -353,7 +353,9 @@ class AdapterConfig:
                 raise ConfigError(f"{key} must be a list of strings, got {_shown(shown)}")
         if not all(map(isinstance, self.modules, repeat(str))):
             raise ConfigError("module paths must be strings")
-        object.__setattr__(self, "modules", dict(sorted(self.modules.items())))
+        names = list(self.modules)
+        object.__setattr__(self, "modules", dict(self.modules) if names == sorted(names) else
+                           dict(sorted(self.modules.items())))  # a copy: the caller's dict may change
         object.__setattr__(self, "modules_to_save", tuple(sorted(set(self.modules_to_save))))
         object.__setattr__(self, "tags", tuple(self.tags))
         if not self.modules:
@@ -431,6 +433,13 @@ class AdapterConfig:
         if self.trainable_tokens:
             found.add("trainable_tokens")
         return tuple(sorted(found))
+
+    def delta_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Module path -> the shape of its delta as it adds to the base weight (`ModuleSpec.delta_shape`): the
+        weight shapes that `base_model.fingerprint` is computed from."""
+        specs = self.modules.values()
+        shape_of = {id(spec): spec.delta_shape for spec in _distinct(specs)}  # modules share specs
+        return dict(zip(self.modules, map(shape_of.__getitem__, map(id, specs)), strict=True))
 
     def owned_tensor_names(self) -> set[str]:
         """The names of every tensor that modules and trainable tokens own (all but modules_to_save's)."""
@@ -853,6 +862,10 @@ def _strict_config(text: str) -> tuple[dict[str, Any], dict[str, ModuleSpec]]:
 
 _QUICK_VALUES = {*_SCALARS, list}
 _QUICK_ITEMS = set(_SCALARS) - {str}
+_SPECS_READ: dict[bytes, ModuleSpec] = {}
+"""The ModuleSpec read from each module entry text that `_quick_config` has accepted: a spec is immutable, so the
+configs of adapters with the same shapes share theirs (and compare them by identity, as a replacement does)."""
+_SPECS_KEPT = 4096
 
 
 def _quick_config(raw: bytes) -> tuple[dict[str, Any], dict[str, ModuleSpec]] | None:
@@ -862,7 +875,7 @@ def _quick_config(raw: bytes) -> tuple[dict[str, Any], dict[str, ModuleSpec]] | 
     string in a list, a ':' in an entry's keys or strings, an entry `ModuleSpec.from_dict` refuses, a duplicate
     key, deep nesting), which `_strict_config` then reads and judges."""
     try:
-        data = quick_loads(raw)
+        data, compact = quick_read(raw)
     except ValueError:
         return None
     modules = data.get("modules") if type(data) is dict else None
@@ -874,15 +887,21 @@ def _quick_config(raw: bytes) -> tuple[dict[str, Any], dict[str, ModuleSpec]] | 
     keys = list(map(quick_dumps, entries))
     specs_of = {}
     for key, entry in dict(zip(keys, entries, strict=True)).items():
-        values = list(entry.values())
-        lists = [value for value in values if type(value) is list]  # enable_lora's flags
-        if set(map(type, values)) - _QUICK_VALUES or set(map(type, chain.from_iterable(lists))) - _QUICK_ITEMS or \
-                ":" in "".join(chain(entry, (value for value in values if type(value) is str))):
-            return None
-        try:
-            specs_of[key] = ModuleSpec.from_dict(entry, module="")
-        except ConfigError:
-            return None
+        spec = _SPECS_READ.get(key)
+        if spec is None:
+            values = list(entry.values())
+            lists = [value for value in values if type(value) is list]  # enable_lora's flags
+            if set(map(type, values)) - _QUICK_VALUES or set(map(type, chain.from_iterable(lists))) - _QUICK_ITEMS \
+                    or ":" in "".join(chain(entry, (value for value in values if type(value) is str))):
+                return None
+            try:
+                spec = ModuleSpec.from_dict(entry, module="")
+            except ConfigError:
+                return None
+            if len(_SPECS_READ) >= _SPECS_KEPT:
+                _SPECS_READ.clear()
+            _SPECS_READ[key] = spec
+        specs_of[key] = spec
     strings: list[str] = [*data, *names]  # the entries' keys and strings hold no ':'
     members = len(data) + len(names) + sum(map(len, entries))
     for key, value in data.items():
@@ -891,7 +910,7 @@ def _quick_config(raw: bytes) -> tuple[dict[str, Any], dict[str, ModuleSpec]] | 
             if found is None:
                 return None
             members += found
-    if members_in_text(raw, strings) != members:
+    if not compact and members_in_text(raw, strings) != members:
         return None
     return data, dict(zip(names, map(specs_of.__getitem__, keys), strict=True))
 

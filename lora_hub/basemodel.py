@@ -76,6 +76,9 @@ class LayerInfo:
         return (self.experts, *shape) if self.kind == "experts" else shape
 
 
+_FINGERPRINTS_KEPT = 64
+
+
 @dataclass(frozen=True)
 class BaseModelInfo:
     """A base model as an adapter sees it: identity, and every adaptable layer by module path."""
@@ -98,13 +101,23 @@ class BaseModelInfo:
     """What runtimes outside PyTorch lay out by (HPARAM_KEYS of the text model's config, when it has them): the
     attention head counts that llama.cpp's converter permutes q and k rows by, the block count."""
 
+    _fingerprints: dict[tuple[str, ...], str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Fingerprints computed, by the layers they cover (a runtime checks every adapter it loads against its base)."""
+
     def fingerprint(self, modules: Iterable[str]) -> str:
         """The fingerprint of the given layers of this model (FORMAT.md, "Base model fingerprint").
 
         Raises:
             KeyError: A module is not an adaptable layer of this model.
         """
-        return fingerprint({m: self.layers[m].weight_shape for m in modules})
+        key = tuple(modules)
+        found = self._fingerprints.get(key)
+        if found is None:
+            found = fingerprint({m: self.layers[m].weight_shape for m in key})
+            if len(self._fingerprints) >= _FINGERPRINTS_KEPT:
+                self._fingerprints.clear()
+            self._fingerprints[key] = found
+        return found
 
 
 @dataclass(frozen=True)
@@ -119,7 +132,10 @@ class LiveBase:
 def fingerprint(weight_shapes: Mapping[str, tuple[int, ...]]) -> str:
     """sha256 over the sorted lines "<module path>:<rows>x<cols>\\n" of the targeted base weights, as stored (three
     dimensions for expert parameters)."""
-    text = "".join(f"{name}:{'x'.join(map(str, shape))}\n" for name, shape in sorted(weight_shapes.items()))
+    names = sorted(weight_shapes)
+    shapes = list(map(weight_shapes.__getitem__, names))
+    lines = {shape: f":{'x'.join(map(str, shape))}\n" for shape in set(shapes)}  # layers share a few shapes
+    text = "".join(map(str.__add__, names, map(lines.__getitem__, shapes)))
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -17,11 +17,10 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from functools import partial
-from itertools import chain
-from operator import itemgetter, le, mul, sub
+from itertools import chain, repeat
+from operator import itemgetter, mul, sub
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,7 +48,7 @@ from .errors import (
     TensorSizeError,
     TooManyTensorsError,
 )
-from .jsontext import canonical_json, members_in_text, quick_loads, strict_loads
+from .jsontext import canonical_json, members_in_text, natural_rows, quick_read, strict_loads
 
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -78,6 +77,60 @@ FileIdentity = tuple[int, int, int, int]
 """(device, inode, size, modification time in ns) of a file when its header was read."""
 
 
+class TensorTable(Mapping[str, TensorInfo]):
+    """A header's tensors, name -> TensorInfo, held as the columns the header was checked as (names, dtypes, shapes,
+    begins, ends, in the header's order). The TensorInfo records are made when one is first asked for: a check that
+    needs only names, dtypes and shapes (the header tier of validation) reads the columns."""
+
+    __slots__ = ("names", "dtypes", "shapes", "begins", "ends", "_infos")
+
+    def __init__(self, names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]], begins: list[int],
+                 ends: list[int]) -> None:
+        self.names, self.dtypes, self.shapes, self.begins, self.ends = names, dtypes, shapes, begins, ends
+        self._infos: dict[str, TensorInfo] | None = None
+
+    @classmethod
+    def of(cls, infos: Mapping[str, TensorInfo]) -> TensorTable:
+        return cls(list(infos), *map(list, zip(*infos.values(), strict=True))) if infos else cls([], [], [], [], [])
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        if self._infos is None:  # TensorInfos made with no Python call each
+            columns = zip(self.dtypes, self.shapes, self.begins, self.ends, strict=True)
+            self._infos = dict(zip(self.names, map(tuple.__new__, repeat(TensorInfo), columns), strict=True))
+        return self._infos
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TensorTable):
+            return (self.names, self.dtypes, self.shapes, self.begins, self.ends) == \
+                (other.names, other.dtypes, other.shapes, other.begins, other.ends) or self.infos == other.infos
+        return self.infos == other if isinstance(other, Mapping) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TensorTable({self.infos!r})"
+
+    def index(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype, shape), as `check_tensor_index` takes it."""
+        return dict(zip(self.names, zip(self.dtypes, self.shapes, strict=True), strict=True))
+
+    def shapes_by_name(self) -> dict[str, tuple[int, ...]]:
+        return dict(zip(self.names, self.shapes, strict=True))
+
+
 @dataclass(frozen=True)
 class SafetensorsHeader:
     """A checked safetensors header: every tensor's range is inside the file, and the ranges tile the buffer."""
@@ -86,7 +139,7 @@ class SafetensorsHeader:
     file_size: int
     header_size: int
     metadata: Mapping[str, str]
-    tensors: Mapping[str, TensorInfo]
+    tensors: TensorTable
     identity: FileIdentity | None = None
     """The file the header was read from: tensors are read from that file only (see `tensors.FileTensors`)."""
 
@@ -112,14 +165,10 @@ class AdapterHeader:
         return self.safetensors.path
 
     @property
-    def tensors(self) -> Mapping[str, TensorInfo]:
+    def tensors(self) -> TensorTable:
         return self.safetensors.tensors
 
 
-_TENSOR_INFO = partial(tuple.__new__, TensorInfo)
-"""TensorInfo from a (dtype, shape, begin, end) tuple without a Python call (thousands per header)."""
-_DTYPE_SHAPE = itemgetter(0, 1)
-"""(dtype, shape) of a TensorInfo."""
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -187,7 +236,7 @@ def adapter_header(header: SafetensorsHeader) -> AdapterHeader:
     """The lora-hub reading of an already checked safetensors header (see `read_header`)."""
     try:
         config, version = _adapter_config(header)
-        check_tensor_index(config, dict(zip(header.tensors, map(_DTYPE_SHAPE, header.tensors.values()), strict=True)))
+        check_tensor_index(config, header.tensors.index())
     except LoraHubError as e:
         e.locate(header.path)
         raise
@@ -351,14 +400,14 @@ def _canonical_header(entries: dict[str, Any], config: AdapterConfig) -> bytes:
     return header + b" " * (-len(header) % 8)
 
 
-def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+def _parse_header(raw: bytes, *, buffer_size: int) -> tuple[dict[str, str], TensorTable]:
     if raw.count(b"{") > C.MAX_HEADER_OBJECTS:
         raise TooManyTensorsError(f"the header holds {raw.count(b'{'):,} '{{' bytes, more than a header within the "
                                   f"limits can ({C.MAX_HEADER_OBJECTS:,}); it was not parsed")
     return _quick_header(raw, buffer_size) or _strict_header(raw, buffer_size)
 
 
-def _strict_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+def _strict_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], TensorTable]:
     """The header read and checked one object at a time: the reading whose verdict and messages stand."""
     if b"\x00" in raw:
         raise HeaderEncodingError(f"the header contains a NUL byte at offset {raw.index(0)}")
@@ -386,10 +435,10 @@ def _strict_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[s
         raise TooManyTensorsError(f"the header lists {len(obj):,} tensors, over the limit of {C.MAX_TENSORS:,}")
     tensors = {name: _tensor_info(name, entry, buffer_size) for name, entry in obj.items()}
     _check_tiling(tensors, buffer_size)
-    return metadata, tensors
+    return metadata, TensorTable.of(tensors)
 
 
-def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[str, TensorInfo]] | None:
+def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], TensorTable] | None:
     """The header of `_strict_header` for a well-formed header, checked column by column (every dtype, every shape,
     every range at once) with no Python code per tensor; None for anything else, which `_strict_header` then reads
     and judges. Every check here is one of `_strict_header`'s, so a header accepted here is accepted there, with
@@ -398,7 +447,7 @@ def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[st
     if not body.startswith(b"{") or not body.endswith(b"}") or b"\x00" in body:
         return None
     try:
-        obj = quick_loads(body)
+        obj, compact = quick_read(body, numbers_checked=True)  # a header's numbers all land in the rows checked below
     except ValueError:
         return None
     if type(obj) is not dict:
@@ -410,9 +459,11 @@ def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[st
     if type(metadata) is not dict or set(map(type, metadata.values())) - {str} or len(obj) > C.MAX_TENSORS:
         return None
     names, entries = list(obj), list(obj.values())
-    if names and (not all(names) or max(map(len, names)) * 4 > C.MAX_NAME_BYTES) or set(map(len, entries)) - {3}:
+    if names and (not all(names) or max(map(len, names)) * 4 > C.MAX_NAME_BYTES):
         return None
-    try:  # three keys each, and these three: exactly dtype, shape and data_offsets, in objects; known dtypes
+    try:  # objects (others raise TypeError) of three keys, exactly dtype, shape and data_offsets; known dtypes
+        if set(map(len, entries)) - {3}:
+            return None
         dtypes = list(map(itemgetter("dtype"), entries))
         shapes = list(map(itemgetter("shape"), entries))
         offsets = list(map(itemgetter("data_offsets"), entries))
@@ -420,28 +471,25 @@ def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], dict[st
             return None
     except (KeyError, TypeError):
         return None
-    if set(map(type, shapes + offsets)) - {list} or set(map(len, offsets)) - {2}:
-        return None
-    dims = list(chain.from_iterable(shapes))
-    begins, ends = list(map(itemgetter(0), offsets)), list(map(itemgetter(1), offsets))
-    if set(map(type, dims + begins + ends)) - {int} or dims and (min(dims) < 0 or max(dims) > C.MAX_JSON_INT):
+    if not natural_rows(shapes) or not natural_rows(offsets, width=2) or \
+            max(chain.from_iterable(shapes), default=0) > C.MAX_JSON_INT:
         return None
     # The tiling: by begin, the ranges start at 0, each where the one before ends, the last at the buffer's end (so
     # every offset lies within 0..buffer_size, below 2**53). Tensors of one dtype are written in name order, so the
     # header's own order usually is that order already.
+    begins, ends = list(map(itemgetter(0), offsets)), list(map(itemgetter(1), offsets))
     if [0, *ends] != [*begins, buffer_size]:
         order = sorted(range(len(begins)), key=begins.__getitem__)
         if [0, *map(ends.__getitem__, order)] != [*map(begins.__getitem__, order), buffer_size]:
             return None
-    if names and (max(map(len, shapes)) > C.MAX_NDIM or not all(map(le, begins, ends))
-                  or list(map(mul, map(math.prod, shapes), map(_ITEMSIZE.__getitem__, dtypes)))
-                  != list(map(sub, ends, begins))):
+    # Each range holds its tensor's bytes (so begin <= end).
+    if names and (max(map(len, shapes)) > C.MAX_NDIM or list(map(mul, map(math.prod, shapes), map(
+            _ITEMSIZE.__getitem__, dtypes))) != list(map(sub, ends, begins))):
         return None
     members += 3 * len(entries) + len(metadata)
-    if members_in_text(body, chain(names, metadata, metadata.values())) != members:
+    if not compact and members_in_text(body, chain(names, metadata, metadata.values())) != members:
         return None  # a duplicate key somewhere (or an escaped ':' this count cannot see)
-    infos = map(_TENSOR_INFO, zip(dtypes, map(tuple, shapes), begins, ends, strict=True))
-    return metadata, dict(zip(names, infos, strict=True))
+    return metadata, TensorTable(names, dtypes, list(map(tuple, shapes)), begins, ends)
 
 
 def _tensor_info(name: str, entry: object, buffer_size: int) -> TensorInfo:

@@ -4,10 +4,11 @@ Strict reading refuses what Python's json module would quietly accept: duplicate
 hide the first), NaN and Infinity, and nesting deeper than the interpreter can follow. Canonical writing gives one
 byte sequence per value: keys sorted by code point, no insignificant whitespace, ASCII only.
 
-The large documents (a header and config of thousands of modules) are first read by `quick_loads` (orjson, with no
-Python call per object) and checked in bulk by their readers, which count members against `members_in_text` to
-find duplicate keys; anything that is not plainly well-formed is read again by `strict_loads`, whose verdict and
-message stand. The quick reading is an optimisation only: it accepts nothing that strict reading refuses.
+The large documents (a header and config of thousands of modules) are first read by `quick_read` (orjson, with no
+Python call per object) and checked in bulk by their readers. A text that is exactly orjson's own compact writing of
+what it read has no duplicate key; for other texts the readers count members against `members_in_text`. Anything
+that is not plainly well-formed is read again by `strict_loads`, whose verdict and message stand. The quick reading
+is an optimisation only: it accepts nothing that strict reading refuses.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -25,7 +26,7 @@ _DIGITS = bytes(ord("0") if chr(i).isdigit() and i < 128 else ord(" ") for i in 
 _LONG_DIGITS = b"0" * 19
 _ESCAPED_COLON = re.compile(rb"\\u003[aA]")
 MAX_QUICK_DEPTH = 64
-"""How deep `walk` follows a value read by `quick_loads` (FORMAT.md section 15 lets a reader refuse more than 64
+"""How deep `walk` follows a value read by `quick_read` (FORMAT.md section 15 lets a reader refuse more than 64
 levels; deeper values go to `strict_loads`, which decides)."""
 
 
@@ -64,24 +65,55 @@ def strict_loads(text: str | bytes) -> Any:
         raise ValueError("nesting is too deep") from e
 
 
-def quick_loads(data: bytes) -> Any:
-    """orjson's reading of JSON `data`, where it reads the same values as `strict_loads`. orjson refuses NaN and
-    Infinity and bounds its nesting without recursing, like strict reading, and also refuses what strict reading
-    accepts (lone surrogates, 1e400); it reads integers outside [-2**63, 2**64) as floats, so a text with a run of
-    19 digits or more is refused here. Unlike strict reading it keeps the last of duplicate keys: a caller compares
-    `members_in_text` with the members it counts.
+class QuickReading(NamedTuple):
+    value: Any
+    compact: bool
+    """The text is exactly orjson's compact writing of `value`: no key is written twice in it (orjson writes each key
+    once, and a text with a key written twice reads as fewer members than it spells out), and every number reads as
+    written (orjson writes a float with a '.' or an exponent). What lora-hub and safetensors write is compact."""
+
+
+def quick_read(data: bytes, *, numbers_checked: bool = False) -> QuickReading:
+    """orjson's reading of JSON `data`, where it reads the same values as `strict_loads`, and whether `data` is
+    compact (see QuickReading). orjson refuses NaN and Infinity and bounds its nesting without recursing, like strict
+    reading, and also refuses what strict reading accepts (lone surrogates, 1e400). Where the two differ:
+
+    - orjson keeps the last of duplicate keys: for a text that is not compact, a caller compares `members_in_text`
+      with the members it counts.
+    - orjson reads integers outside [-2**63, 2**64) as floats: a text that is not compact and has a run of 19 digits
+      or more is refused here.
+
+    Args:
+        numbers_checked: The caller checks every number it reads with `natural_rows`, which refuses such floats:
+            the digit-run scan is skipped.
 
     Raises:
         ValueError: Where orjson refuses `data`, or may read a number otherwise (the caller then reads it with
             `strict_loads`).
     """
-    if _LONG_DIGITS in data.translate(_DIGITS):
+    value = orjson.loads(data)
+    try:
+        compact = orjson.dumps(value) == data
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes
+        compact = False
+    if not compact and not numbers_checked and _LONG_DIGITS in data.translate(_DIGITS):
         raise ValueError("a number of 19 digits or more")
-    return orjson.loads(data)
+    return QuickReading(value, compact)
+
+
+def natural_rows(rows: list[Any], width: int | None = None) -> bool:
+    """Whether every row of `rows` (a list of values read by `quick_read`) is a list of integers >= 0 (of `width`
+    integers each, when given): written back as JSON, the rows hold only digits and commas between their brackets.
+    (A boolean is written as true or false, a float always with a '.' or an exponent, and orjson reads an integer it
+    cannot hold exactly as a float.)"""
+    if width is None:
+        return orjson.dumps(rows).translate(None, b"0123456789,") == b"[" + b"[]" * len(rows) + b"]"
+    row = b"[" + b"," * (width - 1) + b"]"
+    return orjson.dumps(rows).translate(None, b"0123456789") == b"[" + b",".join([row] * len(rows)) + b"]"
 
 
 quick_dumps = orjson.dumps
-"""orjson's compact JSON text of a value read by `quick_loads` (keys in their order): e.g. a key that tells apart
+"""orjson's compact JSON text of a value read by `quick_read` (keys in their order): e.g. a key that tells apart
 values Python compares equal (1, 1.0 and true). (orjson's own function: mapped over thousands of entries.)"""
 
 
@@ -99,7 +131,7 @@ def members_in_text(data: bytes, strings: Iterable[str]) -> int | None:
 
 
 def walk(value: Any, strings: list[str], depth: int = 0) -> int | None:
-    """The members of the objects in `value` (a value read by `quick_loads`), appending its keys and string values
+    """The members of the objects in `value` (a value read by `quick_read`), appending its keys and string values
     to `strings` (for `members_in_text`); None when it nests deeper than MAX_QUICK_DEPTH. For the small parts of a
     document: the large, regular parts are counted in bulk by their readers."""
     if depth > MAX_QUICK_DEPTH:

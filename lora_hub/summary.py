@@ -81,7 +81,7 @@ def summarize(source: str | os.PathLike[str], *, allow_pickle: bool = False, **o
     detected = detect_layout(source)
     if detected.layout is Layout.LORA_HUB:
         header = adapter_header(detected.header)
-        index = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
+        index = header.tensors.index()
         return _summary(detected.weights, "lora-hub", header.format_version, header.config, index,
                         header.safetensors.file_size)
     from .adapter import tensor_index

@@ -21,7 +21,6 @@ import statistics
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -273,12 +272,12 @@ class _Validation(_Findings):
             header = self.adapter_header = (adapter_header(detected.header) if detected.header is not None
                                             else read_header(detected.weights))
             self.header, self.config = header.safetensors, header.config
-            self.shapes = dict(zip(header.tensors, map(attrgetter("shape"), header.tensors.values()), strict=True))
+            self.shapes = header.tensors.shapes_by_name()
             if self.config.tensors_sha256 is None:
                 self.add("CHECKSUM_ABSENT", "the file records no tensors_sha256")
             ref = self.config.base_model
             if ref is not None and ref.fingerprint is not None:
-                own = fingerprint({m: spec.delta_shape for m, spec in self.config.modules.items()})
+                own = fingerprint(self.config.delta_shapes())
                 if own != ref.fingerprint:
                     self.add("FINGERPRINT_INCONSISTENT", f"stored {ref.fingerprint}, but the module entries give "
                                                          f"{own}")

@@ -144,3 +144,14 @@ def test_identical_module_entries_share_a_spec_but_json_types_still_count() -> N
         AdapterConfig.from_json(json.dumps({"modules": {"m.a": entry, "m.b": {**entry, "rslora": 0}}}))
     with pytest.raises(ConfigError, match="module 'm.b': r must be a positive integer, got 4.0"):
         AdapterConfig.from_json(json.dumps({"modules": {"m.a": entry, "m.b": {**entry, "r": 4.0}}}))
+
+
+def test_delta_shapes_are_each_modules_own() -> None:
+    shared = ModuleSpec(r=2, alpha=4, in_features=16, out_features=48, fan_in_fan_out=True)
+    modules = {"h.0.attn.c_attn": shared, "h.1.attn.c_attn": shared,
+               "h.0.mlp.fc": ModuleSpec(r=2, alpha=4, in_features=16, out_features=64),
+               "wte": ModuleSpec(r=2, alpha=4, in_features=100, out_features=16, kind="embedding"),
+               "experts.w": ModuleSpec(r=2, alpha=4, in_features=16, out_features=8, kind="experts", experts=3)}
+    config = AdapterConfig(modules=modules)
+    assert config.delta_shapes() == {m: s.delta_shape for m, s in config.modules.items()}
+    assert config.delta_shapes()["h.1.attn.c_attn"] == (16, 48) and config.delta_shapes()["experts.w"] == (3, 8, 16)

@@ -135,6 +135,46 @@ def test_the_quick_reading_covers_what_lora_hub_writes(saved: Path) -> None:
     assert data == strict_data and specs == strict_specs
 
 
+_ENTRY = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+
+
+@pytest.mark.parametrize("entry", [
+    5, None, True, "F32", [1, 2, 3], {},
+    {**_ENTRY, "dtype": ["F32"]}, {**_ENTRY, "shape": 1}, {**_ENTRY, "shape": {}}, {**_ENTRY, "shape": "1"},
+    {**_ENTRY, "shape": [True]}, {**_ENTRY, "shape": [1.0]}, {**_ENTRY, "shape": ["1"]}, {**_ENTRY, "shape": [[1]]},
+    {**_ENTRY, "shape": [None]}, {**_ENTRY, "shape": [-1, -1]}, {**_ENTRY, "shape": [2**64 + 1]},
+    {**_ENTRY, "data_offsets": [0.0, 4]}, {**_ENTRY, "data_offsets": [False, 4]}, {**_ENTRY, "data_offsets": [0]},
+    {**_ENTRY, "data_offsets": [0, 2**64 + 4]}, {**_ENTRY, "data_offsets": 4},
+], ids=repr)
+def test_a_malformed_entry_gets_the_strict_verdict(entry: object, tmp_path: Path) -> None:
+    path = write(tmp_path / "entry.safetensors", json.dumps({"a": entry}), b"\0" * 4)
+    with pytest.raises(LoraHubError) as caught:  # a verdict, never a crash of the quick reading
+        F.read_safetensors_header(path)
+    assert caught.value.code in ("HEADER_SCHEMA", "TENSOR_DTYPE", "TENSOR_SIZE", "OFFSET_OUT_OF_RANGE"), entry
+    agree(path.read_bytes())
+
+
+def test_a_well_formed_entry_reads_quickly_with_integer_shapes(tmp_path: Path) -> None:
+    path = write(tmp_path / "entry.safetensors", json.dumps({"a": _ENTRY}), b"\0" * 4)
+    raw = path.read_bytes()[8:-4]
+    _, tensors = F._quick_header(raw, 4)
+    assert dict(tensors) == {"a": F.TensorInfo("F32", (1,), 0, 4)} and type(tensors["a"].shape[0]) is int
+
+
+def test_a_tensor_table_is_a_mapping_of_tensor_infos(saved: Path) -> None:
+    tensors = lora_hub.read_header(saved).tensors
+    infos = dict(tensors)
+    assert list(tensors) == list(infos) and len(tensors) == len(infos) and all(n in tensors for n in infos)
+    assert tensors == infos and tensors == F.TensorTable.of(infos) and "nope" not in tensors
+    reordered = F.TensorTable.of(dict(reversed(infos.items())))
+    assert reordered == tensors  # a mapping: equal whatever the order
+    name = next(iter(infos))
+    changed = F.TensorTable.of({**infos, name: infos[name]._replace(dtype="F16")})
+    assert changed != tensors and changed != infos
+    assert tensors.index() == {n: (i.dtype, i.shape) for n, i in infos.items()}
+    assert tensors.shapes_by_name() == {n: i.shape for n, i in infos.items()}
+
+
 def agree(data: bytes) -> None:
     """The quick readings (header, config, module names) accept only what the strict ones accept, identically."""
     if len(data) < 8:
@@ -150,6 +190,8 @@ def agree(data: bytes) -> None:
         strict = None
     if quick is not None:
         assert strict == quick
+        assert {type(n) for shape in quick[1].shapes for n in shape} <= {int}  # JSON integers, not true or 1.0
+        assert {*map(type, quick[1].begins), *map(type, quick[1].ends)} <= {int}
     if strict is None:
         return
     text = strict[0].get("lora_hub.config")

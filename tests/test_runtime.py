@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import loralib
@@ -219,6 +220,44 @@ def test_switching_and_replacing_in_place_never_reallocate_or_recompile(adapters
     assert torch.equal(_logits(compiled), outputs["b"]) and len(compiles) == 1
     assert {name: module for name, module in model.named_modules()} == modules
     assert pointers == {n: (x.lora_A.data_ptr(), x.lora_B.data_ptr()) for n, x in runtime.layers.items()}
+
+
+def test_a_replacement_notices_buffers_replaced_behind_its_back(tmp_path: Path) -> None:
+    files = {name: lora_hub.save_adapter(lora_hub.convert_adapter(random_peft_adapter(
+        tiny_model("llama"), tmp_path / name, seed=seed, r=4, lora_alpha=8)), tmp_path / f"{name}.safetensors")
+        for name, seed in (("one", 1), ("two", 2))}  # one layout: a replacement reads as the last file was read
+    expected = lora_hub.attach(tiny_model("llama"))
+    expected.load("two", files["two"])
+    expected.use("two")
+    model = tiny_model("llama")
+    runtime = lora_hub.attach(model)
+    runtime.load("x", files["one"])
+    runtime.use("x")
+    layer = runtime.layers["model.layers.1.mlp.down_proj"]
+    layer.lora_A, layer.lora_B = layer.lora_A.clone(), layer.lora_B.clone()  # not through model.to: unannounced
+    runtime.load("x", files["two"])
+    assert torch.equal(_logits(model), _logits(expected.model))
+    model.to(torch.float64)  # announced: every buffer replaced by a float64 copy
+    runtime.load("x", files["one"])
+    runtime.load("x", files["two"])
+    assert torch.equal(_logits(model), _logits(expected.model.to(torch.float64)))
+
+
+def test_a_replacement_is_checked_against_the_model_unless_it_fits_alike(tmp_path: Path) -> None:
+    one = lora_hub.convert_adapter(random_peft_adapter(tiny_model("llama"), tmp_path / "one", seed=1, r=4,
+                                                       lora_alpha=8))
+    declared = one.with_config(base_model=lora_hub.BaseModelRef(model_type="gpt2"))
+    files = {"plain": lora_hub.save_adapter(one, tmp_path / "plain.safetensors"),
+             "declared": lora_hub.save_adapter(declared, tmp_path / "declared.safetensors")}
+    runtime = lora_hub.attach(tiny_model("llama"))
+    runtime.load("x", files["plain"])
+    with pytest.warns(lora_hub.LoraHubWarning, match="BASE_TYPE_DIFFERS"):  # the same layout, another declaration
+        runtime.load("x", files["declared"])
+    with pytest.warns(lora_hub.LoraHubWarning, match="BASE_TYPE_DIFFERS"):  # alike: what was found still stands
+        runtime.load("x", files["declared"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.load("x", files["plain"])
 
 
 def test_a_mismatching_adapter_leaves_the_model_unchanged(adapters) -> None:

@@ -7,8 +7,10 @@ the layers a load wraps while the read runs, and keeping how a slot was read for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import NamedTuple
 
 import torch
@@ -36,23 +38,43 @@ class SlotReads:
     `fits`."""
 
     plan: ReadPlan
-    layers: tuple[tuple[str, LoraLayer, torch.Tensor, torch.Tensor], ...]
-    """Each layer the adapter touches, with the lora_A and lora_B buffers the plan reads into."""
+    layers: tuple[tuple[str, LoraLayer], ...]
+    """Each layer the adapter touches."""
     others: tuple[LoraLayer, ...]
+    buffer_dicts: tuple[dict[str, torch.Tensor | None], ...]
+    """The buffer dicts of `layers` (each module's own: reallocating a buffer, or `model.to(...)`, refills it)."""
+    read_into: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
+    """The lora_A and the lora_B buffers of `layers` that the plan reads into."""
+
+    @classmethod
+    def of(cls, plan: ReadPlan, layers: Mapping[str, LoraLayer], modules: Iterable[str]) -> SlotReads:
+        touched = tuple((path, layers[path]) for path in modules)
+        paths = {path for path, _ in touched}
+        others = tuple(layer for path, layer in layers.items() if path not in paths)
+        buffer_dicts = tuple(layer._buffers for _, layer in touched)
+        return cls(plan, touched, others, buffer_dicts, _held(buffer_dicts))
 
     def fits(self, adapter: Adapter) -> bool:
         """Same tensor layout (so the same modules and ranks), no factor that needs rearranging, and the layers
         still hold the buffers read into."""
         tensors = adapter.tensors
         return (isinstance(tensors, FileTensors) and tensors.layout == self.plan.layout and not adapter.config.features
-                and all(spec.enable_lora is None for spec in adapter.modules.values())
-                and all(layer.lora_A is a and layer.lora_B is b for _, layer, a, b in self.layers))
+                and all(map(is_, map(attrgetter("enable_lora"), adapter.modules.values()), repeat(None)))
+                and self._still_held())
 
-    def load(self, slot: int, adapter: Adapter) -> None:
+    def _still_held(self) -> bool:
+        """The layers still hold the very buffers the plan reads into (by identity, in bulk)."""
+        (held_a, held_b), (read_a, read_b) = _held(self.buffer_dicts), self.read_into
+        return all(map(is_, held_a, read_a)) and all(map(is_, held_b, read_b))
+
+    def load(self, slot: int, adapter: Adapter, *, same_specs: bool = False) -> None:
+        """Reads the adapter into `slot` (`same_specs`: its modules' specs are those of the adapter the slot holds,
+        so the scalings stand)."""
         adapter.tensors.read_planned(self.plan)
-        modules = adapter.modules
-        for path, layer, _, _ in self.layers:
-            layer.set_scaling(slot, modules[path].scaling)
+        if not same_specs:
+            modules = adapter.modules
+            for path, layer in self.layers:
+                layer.set_scaling(slot, modules[path].scaling)
         for layer in self.others:
             layer.clear(slot)
 
@@ -108,7 +130,10 @@ def fill(slot: int, adapter: Adapter, layers: Mapping[str, LoraLayer], new: Mapp
     for module, indices in adapter.config.trainable_tokens.items():
         layers[module].write_tokens(slot, indices, adapter.token_rows(module))
     if read and all(t is None for t in read.values()) and not adapter.config.features:
-        kept = tuple((p, layers[p], layers[p].lora_A, layers[p].lora_B) for p in adapter.modules)
-        others = tuple(layer for path, layer in layers.items() if path not in adapter.modules)
-        return SlotReads(plan, kept, others)
+        return SlotReads.of(plan, layers, adapter.modules)
     return None
+
+
+def _held(buffer_dicts: tuple[dict[str, torch.Tensor | None], ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The lora_A and the lora_B buffers that layers hold now, from their buffer dicts."""
+    return tuple(map(itemgetter("lora_A"), buffer_dicts)), tuple(map(itemgetter("lora_B"), buffer_dicts))

@@ -40,7 +40,7 @@ from torch import nn
 from ..adapter import Adapter, AdapterConfig
 from ..basemodel import LiveBase
 from ..errors import AdapterMismatchError, AdapterNotFoundError, LoraHubWarning, RuntimeStateError
-from ..findings import Severity
+from ..findings import Finding, Severity
 from ..validate import check_base
 from .hostcache import HostCache
 from .layers import LoraLayer
@@ -62,6 +62,16 @@ class _Resident:
     """Modules whose weights the adapter replaces (modules to save, its own base weights, token rows): two adapters
     that replace the same module cannot be stacked."""
     dora: bool = False
+    warnings: tuple[Finding, ...] = ()
+    """What checking it against the model warned of."""
+
+
+def _fit_alike(config: AdapterConfig, other: AdapterConfig) -> bool:
+    """Whether the base tier of validation reads the same of both configs (for tensors of one layout): the same
+    modules, trainable tokens, modules to save and declared base model. (Configs read from files share the specs of
+    equal module entries, so the modules compare by identity.)"""
+    return (config.modules == other.modules and config.trainable_tokens == other.trainable_tokens
+            and config.modules_to_save == other.modules_to_save and config.base_model == other.base_model)
 
 
 class AdapterRuntime:
@@ -166,7 +176,15 @@ class AdapterRuntime:
         self._check_alive()
         if self._merged:
             raise RuntimeStateError(f"cannot load '{name}' while adapters are merged: unmerge() first")
-        self._check_fit(name, adapter)
+        before = self._resident.get(name)
+        reads = self._fitting_reads(before.slot, adapter) if before is not None else None
+        alike = reads is not None and _fit_alike(adapter.config, before.config)  # tensors of one layout, too
+        if alike:
+            warned = before.warnings  # the base tier would find what it found for the adapter it replaces
+        else:
+            warned = self._check_fit(name, adapter)
+        for finding in warned:
+            warnings.warn(LoraHubWarning(f"adapter '{name}': {finding.code}: {finding.message}"), stacklevel=3)
         limit = self._wrapped.max_rank
         too_wide = [m for m, s in adapter.modules.items() if limit is not None and s.r * s.groups > limit]
         if too_wide:
@@ -175,14 +193,15 @@ class AdapterRuntime:
                                     f"max_rank={limit}; nothing was changed")
         if name not in self._resident and self.max_resident is not None and len(self._resident) >= self.max_resident:
             self._evict(keep={name} | (keep or set()))
-        slot = self._resident[name].slot if name in self._resident else self._free_slot()
-        reads = self._reads.get(slot)
-        if reads is not None and not reads.fits(adapter):
-            reads = None
+        if before is None:
+            slot = self._free_slot()
+            reads = self._fitting_reads(slot, adapter)  # a slot freed by an adapter of the same layout, say
+        else:
+            slot = before.slot
         new = self._wrapped.reserve(adapter) if reads is None else {}  # a fitting plan: every buffer is as needed
         try:
             if reads is not None:
-                reads.load(slot, adapter)
+                reads.load(slot, adapter, same_specs=alike)
             else:
                 kept = fill(slot, adapter, self.layers, new, self._wrapped.wrap)
                 if kept is not None:
@@ -198,9 +217,8 @@ class AdapterRuntime:
                    and (m not in self.layers or slot in self.layers[m].base_weights)]
         replaced = self._wrapped.load_replacements(slot, adapter) | frozenset(
             brought + list(adapter.config.trainable_tokens))
-        before = self._resident.get(name)
         dora = any(s.dora for s in adapter.modules.values())
-        self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced, dora)
+        self._resident[name] = _Resident(slot, adapter.config, adapter.source, replaced, dora, warned)
         self._touch([name])
         if self._active and name in self._active and before is not None and before.replaced != replaced:
             self.use(self._active)  # in use, and now replacing other modules: checked against the others again
@@ -465,20 +483,26 @@ class AdapterRuntime:
 
     def _convert(self, source, allow_pickle: bool, options: dict) -> Adapter:
         from ..convert import convert_adapter
-        from ..hub import locate
 
-        # Loading never writes an adapter, so a lora-hub file's checksum is not re-hashed on every load (a hot swap
-        # would pay a full hash); pass verify=True to check it, as pull and validate do. The live model is the
-        # reference for what a PEFT adapter needs of its base (expert order, a base-modifying init's factors).
+        # convert_adapter takes a registry name or a Hub id too (see hub.resolve). Loading never writes an adapter,
+        # so a lora-hub file's checksum is not re-hashed on every load (a hot swap would pay a full hash); pass
+        # verify=True to check it, as pull and validate do. The live model is the reference for what a PEFT adapter
+        # needs of its base (expert order, a base-modifying init's factors).
         options = {"verify": False, "reference_base": self._reference, **options}
-        return convert_adapter(locate(source), allow_pickle=allow_pickle, **options)
+        return convert_adapter(source, allow_pickle=allow_pickle, **options)
 
     @property
     def _reference(self) -> LiveBase:
         """The model as it was before wrapping: its description and original modules, for reading a base."""
         return LiveBase(self._wrapped.info, self._wrapped.modules)
 
-    def _check_fit(self, name: str, adapter: Adapter) -> None:
+    def _fitting_reads(self, slot: int, adapter: Adapter) -> SlotReads | None:
+        """How the last file loaded into `slot` was read, if the adapter can be read the same way."""
+        reads = self._reads.get(slot)
+        return reads if reads is not None and reads.fits(adapter) else None
+
+    def _check_fit(self, name: str, adapter: Adapter) -> tuple[Finding, ...]:
+        """The base tier of validation against this model: raises on errors, returns the warnings."""
         shapes = adapter.tensor_shapes()
         findings = check_base(adapter.config, self._wrapped.info, shapes)
         errors = [f for f in findings if f.severity is Severity.ERROR and f.code != "FAN_IN_FAN_OUT_MISMATCH"]
@@ -486,9 +510,7 @@ class AdapterRuntime:
             detail = "; ".join(f"{f.code}: {f.message}" for f in errors[:3])
             raise AdapterMismatchError(f"adapter '{name}' does not fit this model, which was left unchanged: {detail}",
                                        findings=errors, path=adapter.source)
-        for finding in findings:
-            if finding.severity is Severity.WARNING:
-                warnings.warn(LoraHubWarning(f"adapter '{name}': {finding.code}: {finding.message}"), stacklevel=3)
+        return tuple(f for f in findings if f.severity is Severity.WARNING)
 
     def _touch(self, names: Iterable[str]) -> None:
         for name in names:
