@@ -40,8 +40,10 @@ def run(workdir: Path, *, quick: bool) -> list[Row]:
     for size in sizes:
         path = make_adapter(workdir / f"adapter-{size // MB}mb.safetensors", size)
         label = f"{path.stat().st_size / MB:,.0f} MB"
+        # Milliseconds each: many calls, so that the median spans the machine's slower and faster phases (on a
+        # shared two-core VM, every call of a phase of a second or so can take 1.6x as long).
         (header_s,) = interleaved_medians([lambda p=path: lora_hub.validate(p, level="header")],
-                                          repeats=repeats * 4)
+                                          repeats=repeats * 40)
         rows.append(Row("validate", f"header tier, {label} file", header_s * 1000, "ms"))
         full_s, naive_s = interleaved_medians(
             [lambda p=path: lora_hub.validate(p, level="full"), lambda p=path: _naive_check(p)], repeats=repeats)

@@ -63,6 +63,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 _RESERVED_SEGMENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                       "base_layer", "token_adapter")
+_RESERVED_PREFIXES = ("lora_", "base_layer", "token_adapter")
+"""What every reserved segment starts with: paths without them need no closer look."""
+_NEWLINE_TO_DOT = bytes.maketrans(b"\n", b".")
 
 
 class ModuleTensors(NamedTuple):
@@ -83,11 +86,11 @@ def _module_names_valid(names: list[str]) -> bool:
     joined = "\n".join(names)
     if not joined.isascii() or max(map(len, names)) > C.MAX_NAME_BYTES or joined.count("\n") != len(names) - 1:
         return False
-    raw = joined.encode("ascii")
-    if not raw or raw.translate(None, _PATH_CHARACTERS + b".\n") or raw.startswith((b".", b"\n")) or \
-            raw.endswith((b".", b"\n")) or any(map(raw.__contains__, (b"..", b".\n", b"\n.", b"\n\n"))):
+    segments = joined.encode("ascii").translate(_NEWLINE_TO_DOT)  # the segments of all paths, between dots
+    if not segments or segments.translate(None, _PATH_CHARACTERS + b".") or segments.startswith(b".") or \
+            segments.endswith(b".") or b".." in segments:  # an empty segment
         return False
-    if not any(map(joined.__contains__, _RESERVED_SEGMENTS)):
+    if not any(map(joined.__contains__, _RESERVED_PREFIXES)):
         return True
     dotted = "." + joined.replace(".", "..").replace("\n", ".\n.") + "."  # every segment as .segment.
     return not any(f".{reserved}." in dotted for reserved in _RESERVED_SEGMENTS)
@@ -362,7 +365,7 @@ class AdapterConfig:
             raise ConfigError("the adapter has no modules: at least one LoRA module is required")
         if len(self.modules) > C.MAX_MODULES:
             raise ConfigError(f"{len(self.modules):,} modules exceed the limit of {C.MAX_MODULES:,}")
-        distinct = _distinct(self.modules.values())  # modules of one shape share one ModuleSpec from from_json
+        distinct = self.distinct_specs
         if not _module_names_valid(list(self.modules)) or not all(
                 isinstance(spec, ModuleSpec) and not spec.problems() for spec in distinct):
             self._raise_module_problem()
@@ -424,11 +427,16 @@ class AdapterConfig:
             checked[name] = tuple(indices)
         object.__setattr__(self, "trainable_tokens", checked)
 
+    @functools.cached_property  # a frozen config: computed once
+    def distinct_specs(self) -> tuple[ModuleSpec, ...]:
+        """The module specs, each once (by identity: modules of one shape share one ModuleSpec when read)."""
+        return tuple(_distinct(self.modules.values()))
+
     @functools.cached_property  # a frozen config: computed once (loading asks for it per file)
     def features(self) -> tuple[str, ...]:
         """The format features this adapter needs (FORMAT.md section 4), sorted: empty for a version-1 file."""
         found: set[str] = set()
-        for spec in _distinct(self.modules.values()):
+        for spec in self.distinct_specs:
             found |= spec.features
         if self.trainable_tokens:
             found.add("trainable_tokens")
@@ -438,7 +446,7 @@ class AdapterConfig:
         """Module path -> the shape of its delta as it adds to the base weight (`ModuleSpec.delta_shape`): the
         weight shapes that `base_model.fingerprint` is computed from."""
         specs = self.modules.values()
-        shape_of = {id(spec): spec.delta_shape for spec in _distinct(specs)}  # modules share specs
+        shape_of = {id(spec): spec.delta_shape for spec in self.distinct_specs}
         return dict(zip(self.modules, map(shape_of.__getitem__, map(id, specs)), strict=True))
 
     def owned_tensor_names(self) -> set[str]:
@@ -618,7 +626,7 @@ def _plain_index_fits(config: AdapterConfig, index: Mapping[str, tuple[str, tupl
     would find nothing wrong; False, that it must look module by module (and raise, or accept what this does not
     cover)."""
     specs = list(config.modules.values())
-    distinct = _distinct(specs)
+    distinct = config.distinct_specs
     if config.trainable_tokens or config.modules_to_save or len(index) != 2 * len(specs) or any(
             spec.kind != "linear" or spec.bias or spec.dora or spec.replaces_base for spec in distinct):
         return False

@@ -21,16 +21,67 @@ from pathlib import Path
 def atomic_write(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> Path:
     """Writes `chunks` to `path` atomically, creating missing parent folders.
 
+    The chunks go out in large vectored writes (up to WRITE_BATCH_BYTES or IOV_MAX chunks per system call, without
+    copying them): the page cache then holds the file in large pages, which a later read copies out about twice as
+    fast as the small pages that one write per tensor leaves (a hot swap reads the file just written, typically).
+
     Returns:
         The path written.
 
     Raises:
         IsADirectoryError: `path` is an existing directory.
     """
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
+    with atomic_file(path) as tmp:
+        if hasattr(os, "writev"):
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                _write_in_batches(fd, chunks)
+            finally:
+                os.close(fd)
+        else:  # Windows
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
     return Path(path)
+
+
+WRITE_BATCH_BYTES = 32 * 1024 * 1024
+IOV_MAX = 1024
+"""The POSIX minimum of IOV_MAX on Linux: buffers per vectored read or write."""
+
+
+def _write_in_batches(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
+    batch: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if view.nbytes:
+            batch.append(view)
+            size += view.nbytes
+        if size >= WRITE_BATCH_BYTES or len(batch) == IOV_MAX:
+            _write_all(fd, batch)
+            batch, size = [], 0
+    _write_all(fd, batch)
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    while views:
+        done = os.writev(fd, views)
+        if done <= 0:
+            raise OSError(_errno.EIO, "a write made no progress")
+        views = after(views, done)  # a short write (a signal, a huge batch): continue where it stopped
+
+
+def after(views: list[memoryview], count: int) -> list[memoryview]:
+    """The buffers left after `count` bytes of `views` were read or written."""
+    out = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        out.append(view[count:])
+        count = 0
+    return out
 
 
 @contextlib.contextmanager

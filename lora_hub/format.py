@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from itertools import chain, repeat
-from operator import itemgetter, mul, sub
+from operator import eq, itemgetter, mul, sub
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -471,8 +471,8 @@ def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], TensorT
             return None
     except (KeyError, TypeError):
         return None
-    if not natural_rows(shapes) or not natural_rows(offsets, width=2) or \
-            max(chain.from_iterable(shapes), default=0) > C.MAX_JSON_INT:
+    # Dimensions of 16 digits or more (far beyond any tensor; the limit is 2**53-1) are left to the strict reading.
+    if not natural_rows(shapes, max_width=C.MAX_NDIM, max_digits=15) or not natural_rows(offsets, width=2):
         return None
     # The tiling: by begin, the ranges start at 0, each where the one before ends, the last at the buffer's end (so
     # every offset lies within 0..buffer_size, below 2**53). Tensors of one dtype are written in name order, so the
@@ -483,8 +483,7 @@ def _quick_header(raw: bytes, buffer_size: int) -> tuple[dict[str, str], TensorT
         if [0, *map(ends.__getitem__, order)] != [*map(begins.__getitem__, order), buffer_size]:
             return None
     # Each range holds its tensor's bytes (so begin <= end).
-    if names and (max(map(len, shapes)) > C.MAX_NDIM or list(map(mul, map(math.prod, shapes), map(
-            _ITEMSIZE.__getitem__, dtypes))) != list(map(sub, ends, begins))):
+    if not all(map(eq, map(mul, map(math.prod, shapes), map(_ITEMSIZE.__getitem__, dtypes)), map(sub, ends, begins))):
         return None
     members += 3 * len(entries) + len(metadata)
     if not compact and members_in_text(body, chain(names, metadata, metadata.values())) != members:

@@ -101,15 +101,21 @@ def quick_read(data: bytes, *, numbers_checked: bool = False) -> QuickReading:
     return QuickReading(value, compact)
 
 
-def natural_rows(rows: list[Any], width: int | None = None) -> bool:
-    """Whether every row of `rows` (a list of values read by `quick_read`) is a list of integers >= 0 (of `width`
-    integers each, when given): written back as JSON, the rows hold only digits and commas between their brackets.
-    (A boolean is written as true or false, a float always with a '.' or an exponent, and orjson reads an integer it
-    cannot hold exactly as a float.)"""
-    if width is None:
-        return orjson.dumps(rows).translate(None, b"0123456789,") == b"[" + b"[]" * len(rows) + b"]"
-    row = b"[" + b"," * (width - 1) + b"]"
-    return orjson.dumps(rows).translate(None, b"0123456789") == b"[" + b",".join([row] * len(rows)) + b"]"
+def natural_rows(rows: list[Any], *, width: int | None = None, max_width: int | None = None,
+                 max_digits: int | None = None) -> bool:
+    """Whether every row of `rows` (a list of values read by `quick_read`) is a list of integers >= 0: of exactly
+    `width` integers, or of at most `max_width`, each of at most `max_digits` digits, where given. Written back as
+    JSON, the rows then hold only digits and commas between their brackets. (A boolean is written as true or false,
+    a float always with a '.' or an exponent, and orjson reads an integer it cannot hold exactly as a float.)"""
+    text = orjson.dumps(rows)
+    if max_digits is not None and b"0" * (max_digits + 1) in text.translate(_DIGITS):
+        return False
+    brackets = text.translate(None, b"0123456789")  # [[,],[,]] for rows of two integers
+    if width is not None:
+        return brackets == b"[" + b",".join([b"[" + b"," * (width - 1) + b"]"] * len(rows)) + b"]"
+    if max_width is not None and b"," * max_width in brackets:  # commas in a run lie within one row
+        return False
+    return brackets.replace(b",", b"") == b"[" + b"[]" * len(rows) + b"]"
 
 
 quick_dumps = orjson.dumps

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import constants as C
+from .atomicfile import IOV_MAX, after
 from .errors import FileChangedError, FileTruncatedError
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ class FileTensors(Mapping[str, "torch.Tensor"]):
             views, offset, expected = run.views, self._data_offset + run.begin, run.end - run.begin
             done = _preadv(fd, views, offset)
             while 0 < done < expected:  # a short read (signals, huge runs): continue where it stopped
-                views, done, expected, offset = _advance(views, done), 0, expected - done, offset + done
+                views, done, expected, offset = after(views, done), 0, expected - done, offset + done
                 done = _preadv(fd, views, offset)
             if done != expected:
                 raise FileTruncatedError(f"the file ended while reading {run.first}: it changed after its header was "
@@ -251,7 +252,6 @@ class RenamedTensors(Mapping[str, "torch.Tensor"]):
         return None if layout is None else {new: layout[old] for new, old in self._names.items()}
 
 
-_IOV_MAX = 1024  # the POSIX minimum of IOV_MAX on Linux: buffers per vectored read
 _HASH_CHUNK = 4 * 1024 * 1024
 _STRAIGHT_READS = sys.byteorder == "little"
 """Whether file bytes can go straight into tensors (the format is little-endian)."""
@@ -291,10 +291,10 @@ class _Run(NamedTuple):
 
 def _runs(order: Sequence[str], infos: Mapping[str, TensorInfo],
           targets: Mapping[str, torch.Tensor]) -> Iterator[_Run]:
-    """The vectored reads of tensors sorted by position: one per stretch of adjacent ones (of at most _IOV_MAX)."""
+    """The vectored reads of tensors sorted by position: one per stretch of adjacent ones (of at most IOV_MAX)."""
     start = 0
     for i in range(1, len(order) + 1):
-        if i == len(order) or infos[order[i - 1]].end != infos[order[i]].begin or i - start == _IOV_MAX:
+        if i == len(order) or infos[order[i - 1]].end != infos[order[i]].begin or i - start == IOV_MAX:
             group = order[start:i]
             yield _Run(group[0], infos[group[0]].begin, infos[group[-1]].end,
                        tuple(memoryview(targets[n].numpy()).cast("B") for n in group))
@@ -339,18 +339,6 @@ class ReadPlan:
     layout: Mapping[str, TensorInfo]
     targets: Mapping[str, torch.Tensor]
     runs: tuple[_Run, ...]
-
-
-def _advance(views: list[memoryview], count: int) -> list[memoryview]:
-    """The buffers left after `count` bytes were filled."""
-    out = []
-    for view in views:
-        if count >= len(view):
-            count -= len(view)
-            continue
-        out.append(view[count:])
-        count = 0
-    return out
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

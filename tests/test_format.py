@@ -224,6 +224,21 @@ def test_library_never_imports_click() -> None:
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
+def test_atomic_write_writes_every_chunk_in_order_in_batches(tmp_path: Path, monkeypatch) -> None:
+    from array import array
+
+    from lora_hub import atomicfile
+
+    monkeypatch.setattr(atomicfile, "WRITE_BATCH_BYTES", 1000)  # batches by size as well as by count
+    chunks = [b"", b"abc", memoryview(array("f", [1.0, 2.0])), bytes(range(256)) * 10,
+              *(bytes([i % 256]) for i in range(3 * atomicfile.IOV_MAX)), b"end"]
+    expected = b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
+    assert atomic_write(tmp_path / "x.bin", iter(chunks)).read_bytes() == expected
+    views = [memoryview(b"abc"), memoryview(b"de"), memoryview(b"f")]
+    assert [bytes(v) for v in atomicfile.after(views, 4)] == [b"e", b"f"]  # where a short write continues
+    assert [bytes(v) for v in atomicfile.after(views, 3)] == [b"de", b"f"] and atomicfile.after(views, 6) == []
+
+
 def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "a.safetensors"
     target.write_bytes(b"old content")

@@ -161,6 +161,22 @@ def test_a_well_formed_entry_reads_quickly_with_integer_shapes(tmp_path: Path) -
     assert dict(tensors) == {"a": F.TensorInfo("F32", (1,), 0, 4)} and type(tensors["a"].shape[0]) is int
 
 
+def test_dimensions_at_the_limits_read_alike(tmp_path: Path) -> None:
+    largest = {"dtype": "F32", "shape": [0, 2**53 - 1], "data_offsets": [0, 0]}  # valid: an empty tensor
+    path = write(tmp_path / "largest.safetensors", json.dumps({"a": largest}), b"")
+    assert F.read_safetensors_header(path).tensors["a"].shape == (0, 2**53 - 1)
+    agree(path.read_bytes())
+    for entry, code in (({**largest, "shape": [0, 2**53]}, "HEADER_SCHEMA"),
+                        ({**largest, "shape": [1] * 8 + [0]}, "LIMIT_EXCEEDED")):
+        path = write(tmp_path / "over.safetensors", json.dumps({"a": entry}), b"")
+        with pytest.raises(LoraHubError) as caught:
+            F.read_safetensors_header(path)
+        assert caught.value.code == code
+        agree(path.read_bytes())
+    eight = write(tmp_path / "eight.safetensors", json.dumps({"a": {**largest, "shape": [1] * 7 + [0]}}), b"")
+    assert F._quick_header(eight.read_bytes()[8:], 0) is not None  # the most dimensions, read quickly
+
+
 def test_a_tensor_table_is_a_mapping_of_tensor_infos(saved: Path) -> None:
     tensors = lora_hub.read_header(saved).tensors
     infos = dict(tensors)
