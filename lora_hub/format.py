@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from itertools import chain, repeat
 from operator import eq, itemgetter, mul, sub
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, NamedTuple
 
 from . import constants as C
@@ -181,19 +182,24 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         BufferHoleError, LimitExceededError: The file breaks the safetensors layout (FORMAT.md, "Layout").
     """
     path = os.fspath(path)
-    try:
-        f = open(path, "rb")
+    try:  # os-level reads: no file object or buffer is made for the two reads a header takes
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except FileNotFoundError as e:
         raise AdapterNotFoundError("no such file", path=path) from e
     except IsADirectoryError as e:
         raise AdapterNotFoundError("is a directory; give the adapter file inside it", path=path) from e
-    with f:
-        stat = os.fstat(f.fileno())
+    try:
+        stat = os.fstat(fd)
+        if S_ISDIR(stat.st_mode):
+            raise AdapterNotFoundError("is a directory; give the adapter file inside it", path=path)
         size = stat.st_size
         if size < 8:
             raise FileTruncatedError(
                 f"the file is {size} bytes long; a safetensors file starts with an 8-byte header length", path=path)
-        (header_size,) = struct.unpack("<Q", f.read(8))
+        prefix = read_exactly(fd, 8)
+        if len(prefix) != 8:
+            raise FileTruncatedError("the file shrank while it was being read", path=path)
+        (header_size,) = struct.unpack("<Q", prefix)
         if header_size > C.MAX_HEADER_BYTES:
             raise HeaderTooLargeError(
                 f"the header length prefix is {header_size:,} bytes, over the limit of {C.MAX_HEADER_BYTES:,}; "
@@ -202,7 +208,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raise FileTruncatedError(
                 f"the header length prefix is {header_size:,} bytes but only {size - 8:,} bytes follow; "
                 "the file is truncated (re-download it)", path=path)
-        raw = f.read(header_size)
+        raw = read_exactly(fd, header_size)
+    finally:
+        os.close(fd)
     if len(raw) != header_size:
         raise FileTruncatedError("the file shrank while it was being read", path=path)
     try:
@@ -212,6 +220,18 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise
     identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     return SafetensorsHeader(path, size, header_size, metadata, tensors, identity)
+
+
+def read_exactly(fd: int, count: int) -> bytes:
+    """The next `count` bytes of an open file, fewer only where it ends."""
+    parts = []
+    while count > 0:
+        part = os.read(fd, count)
+        if not part:
+            break
+        parts.append(part)
+        count -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def read_header(path: str | os.PathLike[str]) -> AdapterHeader:

@@ -27,7 +27,7 @@ from ..errors import (
     UnsupportedLayoutError,
     WeightsMissingError,
 )
-from ..format import SafetensorsHeader, read_safetensors_header
+from ..format import SafetensorsHeader, read_exactly, read_safetensors_header
 from ..jsontext import is_json_int, is_json_number, read_json_object
 from .mlxlm import MLX_WEIGHTS, is_mlx_config, read_mlx_config
 
@@ -101,9 +101,12 @@ def detect_layout(source: str | os.PathLike[str]) -> Detected:
 
 def sniff(path: Path) -> FileKind:
     """The kind of file, from its first bytes (and a zip's member names)."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-        size = os.fstat(f.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        head = read_exactly(fd, 64)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
         return FileKind.SAFETENSORS  # first: a length prefix may well start with 0x80, like a pickle
     if head.startswith(_LFS_MAGIC):
