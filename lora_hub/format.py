@@ -92,6 +92,7 @@ class TensorTable(Mapping[str, TensorInfo]):
 
     @classmethod
     def of(cls, infos: Mapping[str, TensorInfo]) -> TensorTable:
+        """The table of name -> TensorInfo records (as the strict reading makes them)."""
         return cls(list(infos), *map(list, zip(*infos.values(), strict=True))) if infos else cls([], [], [], [], [])
 
     @property
@@ -129,6 +130,7 @@ class TensorTable(Mapping[str, TensorInfo]):
         return dict(zip(self.names, zip(self.dtypes, self.shapes, strict=True), strict=True))
 
     def shapes_by_name(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape."""
         return dict(zip(self.names, self.shapes, strict=True))
 
 

@@ -66,6 +66,8 @@ def strict_loads(text: str | bytes) -> Any:
 
 
 class QuickReading(NamedTuple):
+    """What `quick_read` read: the value, and whether the text is compact."""
+
     value: Any
     compact: bool
     """The text is exactly orjson's compact writing of `value`: no key is written twice in it (orjson writes each key
