@@ -172,8 +172,6 @@ class AdapterHeader:
         return self.safetensors.tensors
 
 
-
-
 def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Reads and checks the header of any safetensors file, reading at most 8 + MAX_HEADER_BYTES bytes.
 
