@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import stat
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -87,11 +86,9 @@ def detect_layout(source: str | os.PathLike[str]) -> Detected:
         PeftConfigError: A layout lora-hub does not read, with what it is and what to do.
     """
     path = Path(source)
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise AdapterNotFoundError("no such file or folder", path=path) from None
-    if stat.S_ISDIR(mode):
+    if not path.exists():
+        raise AdapterNotFoundError("no such file or folder", path=path)
+    if path.is_dir():
         return _detect_folder(path)
     if path.name == PEFT_CONFIG:
         return _detect_folder(path.parent)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import repeat
-from operator import attrgetter, is_, itemgetter
+from operator import is_, itemgetter
 from typing import NamedTuple
 
 import torch
@@ -59,7 +58,7 @@ class SlotReads:
         still hold the buffers read into."""
         tensors = adapter.tensors
         return (isinstance(tensors, FileTensors) and tensors.layout == self.plan.layout and not adapter.config.features
-                and all(map(is_, map(attrgetter("enable_lora"), adapter.modules.values()), repeat(None)))
+                and all(spec.enable_lora is None for spec in adapter.config.distinct_specs)
                 and self._still_held())
 
     def _still_held(self) -> bool:
