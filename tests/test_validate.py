@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import lora_hub
+from lora_hub.convert.layouts import detect_layout
 from lora_hub.findings import CATALOGUE, catalogue_markdown
 from lora_hub.scan import scan_file
 from lora_hub.testing import random_peft_adapter, tiny_config, tiny_model
@@ -376,3 +377,11 @@ def test_findings_from_errors_say_where(tmp_path: Path) -> None:
     assert report.codes == ["TENSOR_MISSING"] and report.findings[0].module == "model.extra"
     as_json = json.loads(report.to_json())["findings"][0]
     assert as_json["module"] == "model.extra" and as_json["tensor"] == "base_model.model.model.extra.lora_A.weight"
+
+
+def test_a_symlink_loop_is_not_found(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert lora_hub.validate(tmp_path / "a", level="header").codes == ["NOT_FOUND"]
+    with pytest.raises(lora_hub.AdapterNotFoundError):
+        detect_layout(tmp_path / "a")
